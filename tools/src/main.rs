@@ -1,0 +1,115 @@
+//! `vmm`: run a tiny guest, control it, save and restore it.
+//!
+//! ```text
+//! vmm run --guest workload --memory 1G --vcpus 2 \
+//!         --workload wset=256M,rate=20000,read=50000,fill=100 [--api-socket PATH]
+//! vmm run --restore FILE [--api-socket PATH]
+//! vmm ctl --api-socket PATH pause|resume|state|verify|scan|quit|save FILE|restore FILE
+//! vmm guests
+//! ```
+
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A minimal KVM VMM for tiny test guests, and their live migration"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest (or restore one from a snapshot file) and run it.
+    Run(run::RunArgs),
+    /// Send one command to a running vmm's control socket.
+    Ctl {
+        /// The control socket of the running vmm.
+        #[arg(long)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+    /// List the embedded guests.
+    Guests,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlAction {
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// Print the machine and guest state as JSON.
+    State,
+    /// Ask the guest to verify its memory and FPU registers.
+    Verify,
+    /// Check every working-set page from outside the guest.
+    Scan,
+    /// Pause and save state and memory to a file.
+    Save { path: PathBuf },
+    /// Replace the running machine with one restored from a file.
+    Restore { path: PathBuf },
+    /// Stop the vmm.
+    Quit,
+}
+
+fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
+    let req = match action {
+        CtlAction::Pause => serde_json::json!({"cmd": "pause"}),
+        CtlAction::Resume => serde_json::json!({"cmd": "resume"}),
+        CtlAction::State => serde_json::json!({"cmd": "state"}),
+        CtlAction::Verify => serde_json::json!({"cmd": "verify"}),
+        CtlAction::Scan => serde_json::json!({"cmd": "scan"}),
+        CtlAction::Save { path } => serde_json::json!({"cmd": "save", "path": path}),
+        CtlAction::Restore { path } => serde_json::json!({"cmd": "restore", "path": path}),
+        CtlAction::Quit => serde_json::json!({"cmd": "quit"}),
+    };
+    let resp = vmm::api::call(api_socket, &req)
+        .map_err(|e| format!("control socket {}: {e}", api_socket.display()))?;
+    println!("{resp}");
+    if resp["ok"] == serde_json::Value::Bool(true) {
+        Ok(())
+    } else {
+        Err(resp["error"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Ctl { api_socket, action } => ctl(&api_socket, action),
+        Command::Guests => {
+            for g in guest_images::GUESTS {
+                println!("{:10} {}", g.name, g.description);
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! A minimal KVM virtual machine monitor built on the rust-vmm crates, made to
+//! run the tiny test guests of `guest-images` and to be migrated.
+//!
+//! Where things are:
+//! - [`vstate`]: guest memory (memfd), the KVM VM (slots, dirty log, irqchip,
+//!   PIT, clock), vCPUs (boot set-up, complete state) and their threads
+//!   (pause/resume);
+//! - [`arch`]: CPUID, MSRs, the PVH entry state;
+//! - [`devices`]: serial console, i8042, the probe device;
+//! - [`machine`]: the whole machine and its operations;
+//! - [`snapshot`]: the save/restore file;
+//! - [`api`]: the JSON control socket;
+//! - [`config`]: machine and workload descriptions.
+
+pub mod api;
+pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod machine;
+pub mod snapshot;
+pub mod vstate;
+
+pub use config::{MachineConfig, Workload};
+pub use machine::{Machine, MachineError, MachineState, RunOptions};

@@ -1,0 +1,265 @@
+//! One vCPU: its boot configuration and its complete KVM state.
+//!
+//! # What a vCPU's state is
+//! Everything KVM holds for a vCPU that the guest can observe: general
+//! registers, segment/control registers, the FPU/SSE/AVX state (XSAVE area)
+//! and XCR0, the local APIC (registers, including its timer), the MSRs KVM
+//! lists as saveable (TSC, syscall MSRs, PAT, ...), the MP state
+//! (running/halted/waiting for SIPI), pending events (exceptions, NMIs,
+//! interrupt shadow) and the debug registers. CPUID is part of it too: the
+//! destination must show the guest the same CPU.
+//!
+//! # Ordering rules
+//! Save (all vCPUs paused, i.e. out of KVM_RUN):
+//! 1. **MP state first**: KVM_GET_MP_STATE makes KVM process pending INIT/SIPI
+//!    APIC events, which would otherwise be lost or change later values.
+//! 2. regs, sregs, XSAVE, XCRs, debug regs, LAPIC, MSRs.
+//! 3. **vCPU events last**: reading registers can't change pending events, but
+//!    the reverse is not true (KVM_GET_VCPU_EVENTS reflects the final state).
+//!
+//! Restore:
+//! 1. CPUID first (it decides which features, and thus which MSRs and XSAVE
+//!    components, are valid).
+//! 2. MP state, regs, **sregs before LAPIC** (sregs carries the APIC base;
+//!    setting it resets the LAPIC), XSAVE, XCRs, debug regs.
+//! 3. **LAPIC before MSRs**: MSR_IA32_TSC_DEADLINE is written into the LAPIC
+//!    timer, and must also come after MSR_IA32_TSC (see `arch::msr`).
+//! 4. **vCPU events last**, so that nothing restored after them clears a
+//!    pending exception or interrupt.
+//!
+//! FPU state is carried only in the XSAVE area: on this host KVM_GET_FPU
+//! returns MXCSR = 0 and KVM_SET_FPU ignores it, while XSAVE is exact.
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{boot, cpuid, msr};
+
+/// Errors of vCPU set-up and state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_CREATE_VCPU {index} failed")]
+    Create {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: reading {what} failed")]
+    Get {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: setting {what} failed")]
+    Set {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: state has {found} CPUID entries, more than KVM accepts")]
+    CpuidTooLarge { index: u8, found: usize },
+}
+
+/// The complete KVM state of one vCPU, as plain serializable data.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub index: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub vcpu_events: kvm_vcpu_events,
+    pub tsc_khz: u32,
+}
+
+/// A KVM vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` (its APIC ID is the same number).
+    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Self { index, fd })
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The KVM vCPU fd.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The KVM vCPU fd, mutably (KVM_RUN needs it).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    fn get_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Get {
+            index,
+            what,
+            source,
+        }
+    }
+
+    fn set_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Set {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Puts the vCPU in the PVH entry state (see `arch::boot`): CPUID, boot
+    /// MSRs, FPU defaults, LAPIC LINT0/LINT1, registers, and RUNNABLE.
+    pub fn configure_boot(
+        &self,
+        base_cpuid: &CpuId,
+        count: u8,
+        entry: u64,
+    ) -> Result<(), VcpuError> {
+        let cpuid = cpuid::for_vcpu(base_cpuid, self.index, count);
+        self.fd.set_cpuid2(&cpuid).map_err(self.set_err("cpuid"))?;
+        msr::set_all(&self.fd, &msr::boot_entries()).map_err(self.set_err("boot msrs"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(self.set_err("fpu"))?;
+        self.configure_lapic()?;
+        let sregs = self.fd.get_sregs().map_err(self.get_err("sregs"))?;
+        self.fd
+            .set_sregs(&boot::entry_sregs(sregs))
+            .map_err(self.set_err("sregs"))?;
+        self.fd
+            .set_regs(&boot::entry_regs(entry))
+            .map_err(self.set_err("regs"))?;
+        // Every vCPU runs from the entry; none waits for a SIPI.
+        let runnable = kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        };
+        self.fd
+            .set_mp_state(runnable)
+            .map_err(self.set_err("mp_state"))
+    }
+
+    /// LINT0 as ExtINT (the PIC's output reaches the CPU through it) and
+    /// LINT1 as NMI, as a PC's firmware leaves them.
+    fn configure_lapic(&self) -> Result<(), VcpuError> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const DM_EXTINT: u32 = 0x700;
+        const DM_NMI: u32 = 0x400;
+        let mut lapic = self.fd.get_lapic().map_err(self.get_err("lapic"))?;
+        for (reg, mode) in [(APIC_LVT0, DM_EXTINT), (APIC_LVT1, DM_NMI)] {
+            let bytes: Vec<u8> = lapic.regs[reg..reg + 4].iter().map(|b| *b as u8).collect();
+            let v = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+            let v = (v & !0x700) | mode;
+            for (i, b) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *b as std::os::raw::c_char;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(self.set_err("lapic"))
+    }
+
+    /// Reads the complete state (see the module doc for the order). The
+    /// vCPU must be out of KVM_RUN, and for vCPU events all vCPUs must be.
+    pub fn save_state(&self, msr_list: &[u32]) -> Result<(VcpuState, Vec<u32>), VcpuError> {
+        let mp_state = self.fd.get_mp_state().map_err(self.get_err("mp_state"))?;
+        let regs = self.fd.get_regs().map_err(self.get_err("regs"))?;
+        let sregs = self.fd.get_sregs().map_err(self.get_err("sregs"))?;
+        let xsave = self.fd.get_xsave().map_err(self.get_err("xsave"))?;
+        let xcrs = self.fd.get_xcrs().map_err(self.get_err("xcrs"))?;
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(self.get_err("debugregs"))?;
+        let lapic = self.fd.get_lapic().map_err(self.get_err("lapic"))?;
+        let (msrs, skipped) = msr::get_all(&self.fd, msr_list).map_err(self.get_err("msrs"))?;
+        let tsc_khz = self.fd.get_tsc_khz().map_err(self.get_err("tsc_khz"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.get_err("cpuid"))?;
+        let vcpu_events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.get_err("vcpu_events"))?;
+        let state = VcpuState {
+            index: self.index,
+            cpuid: cpuid.as_slice().to_vec(),
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            vcpu_events,
+            tsc_khz,
+        };
+        Ok((state, skipped))
+    }
+
+    /// Restores a state read by [`Vcpu::save_state`]; returns the MSRs KVM
+    /// refused (reported, not fatal: see `arch::msr`).
+    pub fn restore_state(&self, s: &VcpuState) -> Result<Vec<u32>, VcpuError> {
+        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| VcpuError::CpuidTooLarge {
+            index: self.index,
+            found: s.cpuid.len(),
+        })?;
+        self.fd.set_cpuid2(&cpuid).map_err(self.set_err("cpuid"))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(self.set_err("mp_state"))?;
+        self.fd.set_regs(&s.regs).map_err(self.set_err("regs"))?;
+        self.fd.set_sregs(&s.sregs).map_err(self.set_err("sregs"))?;
+        // SAFETY: `s.xsave` is a full `kvm_xsave` (4 KiB, the legacy size);
+        // KVM_CAP_XSAVE2 is not enabled on this VM, so KVM reads exactly
+        // `size_of::<kvm_xsave>()` bytes from it.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(self.set_err("xsave"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(self.set_err("xcrs"))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(self.set_err("debugregs"))?;
+        self.fd.set_lapic(&s.lapic).map_err(self.set_err("lapic"))?;
+        let skipped = msr::set_all(&self.fd, &s.msrs).map_err(self.set_err("msrs"))?;
+        self.fd
+            .set_vcpu_events(&s.vcpu_events)
+            .map_err(self.set_err("vcpu_events"))?;
+        Ok(skipped)
+    }
+}
+
+/// The MSR list is a property of the host's KVM, computed once.
+pub fn msr_save_list(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
+    msr::save_list(kvm).map_err(|source| VcpuError::Get {
+        index: 0,
+        what: "msr index list",
+        source,
+    })
+}

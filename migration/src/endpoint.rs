@@ -1,0 +1,69 @@
+//! What the engine needs from a VMM, on each side.
+
+/// Errors a VMM reports to the engine.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The machine being migrated away. RAM is addressed by **RAM offset** (a
+/// contiguous index over all of guest RAM, independent of the guest-physical
+/// layout), in 4 KiB pages.
+pub trait SourceVm: Sync {
+    /// Bytes of RAM.
+    fn ram_size(&self) -> u64;
+    /// `(offset, len)` ranges of RAM the guest ever wrote; the rest is
+    /// known to be zero and is never read.
+    fn populated_ranges(&self) -> Result<Vec<(u64, u64)>, BoxError>;
+    /// Copies RAM at `offset` into `buf`.
+    fn read_ram(&self, offset: u64, buf: &mut [u8]) -> Result<(), BoxError>;
+    /// Turns dirty logging on (and clears it).
+    fn start_dirty_log(&self) -> Result<(), BoxError>;
+    /// Turns dirty logging off.
+    fn stop_dirty_log(&self) -> Result<(), BoxError>;
+    /// Pages written since the last call, one bit per page, and clears it.
+    fn take_dirty_bitmap(&self) -> Result<Vec<u64>, BoxError>;
+    /// Stops every vCPU at a consistent point.
+    fn pause(&self);
+    /// Lets the vCPUs run again.
+    fn resume(&self);
+    /// The machine's configuration, opaque to the engine.
+    fn config_blob(&self) -> Result<Vec<u8>, BoxError>;
+    /// The complete machine state (vCPUs, VM, devices), opaque to the
+    /// engine. Called only while paused.
+    fn state_blob(&self) -> Result<Vec<u8>, BoxError>;
+}
+
+/// The machine being built on the destination.
+pub trait DestinationVm {
+    /// What the destination ends up with: a running machine.
+    type Running;
+    /// Creates empty RAM for a machine described by `config`.
+    fn prepare(&mut self, config: &[u8], ram_size: u64) -> Result<(), BoxError>;
+    /// Writes received bytes at RAM `offset`.
+    fn write_ram(&mut self, offset: u64, data: &[u8]) -> Result<(), BoxError>;
+    /// Copies RAM at `offset` into `buf` (for verification).
+    fn read_ram(&self, offset: u64, buf: &mut [u8]) -> Result<(), BoxError>;
+    /// Populated ranges of the destination's RAM (for verification).
+    fn populated_ranges(&self) -> Result<Vec<(u64, u64)>, BoxError>;
+    /// Restores the machine from `state`, paused.
+    fn restore(&mut self, state: &[u8]) -> Result<(), BoxError>;
+    /// Resumes the restored machine.
+    fn resume(&mut self) -> Result<(), BoxError>;
+    /// After resume: waits briefly for the guest's first heartbeats and
+    /// returns the longest gap it saw across the switch-over (ms), and
+    /// whether its self-check (memory and FPU) passed when `verify` is set.
+    fn after_resume(&mut self, verify: bool) -> Result<GuestView, BoxError>;
+    /// Stops a machine that must not run (a failed verification).
+    fn discard(&mut self);
+    /// Hands over the running machine.
+    fn into_running(self) -> Option<Self::Running>;
+}
+
+/// What the guest itself saw across the switch-over.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct GuestView {
+    /// Longest heartbeat gap across the switch-over (ms).
+    pub guest_downtime_ms: f64,
+    /// Result of the guest's own verification, when requested.
+    pub guest_verified: Option<bool>,
+    /// Guest-reported details (pages checked, FPU errors).
+    pub detail: String,
+}

@@ -1,0 +1,165 @@
+//! Pre-copy: copy memory while the guest runs, in rounds.
+//!
+//! Dirty logging is switched on *before* round 0 reads anything, so every
+//! write the guest makes after a page was read is caught. Round 0 sends all
+//! populated memory (memfd holes are never read); each later round sends the
+//! pages KVM's dirty log (OR'd with the VMM's own writes) reports for the
+//! previous round. After each round the engine decides whether to stop:
+//!
+//! 1. `converged`: nothing was dirtied;
+//! 2. `downtime`: dirtied bytes / bandwidth measured in this round ≤ the
+//!    downtime limit (QEMU's and Cloud Hypervisor's rule, 300 ms default);
+//! 3. `max_rounds`: the round cap was reached (Xen's rule, seeds 002–003);
+//! 4. `max_bytes`: the bytes-sent cap was reached (Xen's other rule).
+//!
+//! The pages dirtied in the last running round are sent by stop-and-copy.
+
+use std::time::Instant;
+
+use crate::codec::PAGE;
+use crate::endpoint::SourceVm;
+use crate::protocol::{encode_round_end, Kind};
+use crate::report::Round;
+use crate::source::{set_progress, vm_err, MigrationError, Options, PageSender};
+
+/// What pre-copy hands to stop-and-copy.
+#[derive(Debug)]
+pub struct PrecopyOutcome {
+    pub rounds: Vec<Round>,
+    /// Pages dirtied during the last round, still to be sent.
+    pub dirty: Vec<u64>,
+    pub stop_rule: &'static str,
+    pub bytes_raw: u64,
+}
+
+/// Runs of set bits in `bitmap`, as `(first_page, count)`.
+pub fn runs(bitmap: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut i = 0u64;
+    let total = bitmap.len() as u64 * 64;
+    std::iter::from_fn(move || {
+        while i < total {
+            let w = bitmap[(i / 64) as usize] >> (i % 64);
+            if w == 0 {
+                i = (i / 64 + 1) * 64;
+                continue;
+            }
+            i += u64::from(w.trailing_zeros());
+            let start = i;
+            while i < total && bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                i += 1;
+            }
+            return Some((start, i - start));
+        }
+        None
+    })
+}
+
+/// Number of set bits.
+pub fn count(bitmap: &[u64]) -> u64 {
+    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Sends one round: the given page runs, then `RoundEnd`.
+pub fn send_round<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    round: u32,
+    page_runs: &[(u64, u64)],
+    paused: bool,
+) -> Result<Round, MigrationError> {
+    let t = Instant::now();
+    let wire0 = s.out.bytes;
+    let stats0 = s.enc.stats;
+    let total: u64 = page_runs.iter().map(|r| r.1).sum();
+    set_progress(&s.progress, |p| {
+        p.phase = if paused { "stop-and-copy".into() } else { "pre-copy".into() };
+        p.round = round;
+        p.round_pages_sent = 0;
+        p.round_pages_total = total;
+    });
+    for &(first, n) in page_runs {
+        s.send_run(first, n)?;
+    }
+    s.flush_batch()?;
+    s.send(Kind::RoundEnd, &encode_round_end(round))?;
+    s.flush()?;
+    let st = s.enc.stats;
+    let duration = t.elapsed().as_secs_f64();
+    let bytes = s.out.bytes - wire0;
+    Ok(Round {
+        round,
+        pages: st.pages - stats0.pages,
+        zero_pages: st.zero_pages - stats0.zero_pages,
+        lz4_pages: st.lz4_pages - stats0.lz4_pages,
+        bytes,
+        duration_ms: duration * 1e3,
+        bandwidth_mb_s: bytes as f64 / duration.max(1e-9) / 1e6,
+        paused,
+        ..Default::default()
+    })
+}
+
+/// Runs pre-copy rounds until a stop rule fires.
+pub fn run_rounds<V: SourceVm>(s: &mut PageSender<'_, V>, opts: &Options) -> Result<PrecopyOutcome, MigrationError> {
+    s.vm.start_dirty_log().map_err(vm_err("start dirty logging"))?;
+    let populated: Vec<(u64, u64)> = s
+        .vm
+        .populated_ranges()
+        .map_err(vm_err("find populated memory"))?
+        .into_iter()
+        .map(|(off, len)| (off / PAGE as u64, len.div_ceil(PAGE as u64)))
+        .collect();
+    let mut rounds = Vec::new();
+    let mut page_runs = populated;
+    let mut bandwidth = f64::INFINITY;
+    for round in 0.. {
+        let mut r = send_round(s, round, &page_runs, false)?;
+        let dirty = s.vm.take_dirty_bitmap().map_err(vm_err("read the dirty log"))?;
+        let dirtied = count(&dirty);
+        let secs = r.duration_ms / 1e3;
+        if r.bytes > 0 && secs > 0.0 {
+            bandwidth = r.bytes as f64 / secs;
+        }
+        r.dirtied_pages = dirtied;
+        r.dirty_rate_pages_s = dirtied as f64 / secs.max(1e-9);
+        r.estimated_downtime_ms = dirtied as f64 * PAGE as f64 / bandwidth * 1e3;
+        let est_ms = r.estimated_downtime_ms;
+        rounds.push(r);
+        let sent = s.out.bytes;
+        let rule = if dirtied == 0 {
+            Some("converged")
+        } else if est_ms <= opts.max_downtime.as_secs_f64() * 1e3 {
+            Some("downtime")
+        } else if round + 1 >= opts.max_rounds {
+            Some("max_rounds")
+        } else if sent >= opts.max_bytes {
+            Some("max_bytes")
+        } else {
+            None
+        };
+        if let Some(stop_rule) = rule {
+            tracing::info!("pre-copy stops after round {round}: {stop_rule}");
+            return Ok(PrecopyOutcome {
+                rounds,
+                dirty,
+                stop_rule,
+                bytes_raw: s.enc.stats.bytes_raw,
+            });
+        }
+        page_runs = runs(&dirty).collect();
+    }
+    unreachable!("the round loop only ends by returning")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_bits() {
+        let bm = [0b1110_0110u64, 1 << 63, 1];
+        let r: Vec<_> = runs(&bm).collect();
+        assert_eq!(r, vec![(1, 2), (5, 3), (127, 2)]);
+        assert_eq!(count(&bm), 7);
+        assert_eq!(runs(&[0, 0]).count(), 0);
+    }
+}

@@ -1,0 +1,369 @@
+//! The migration wire protocol: framing and messages.
+//!
+//! # Message sequence (pre-copy)
+//! ```text
+//!  source                                         destination
+//!    │── Hello {version, nonce_s} ─────────────────────▶│
+//!    │◀──────────── Challenge {version, nonce_d, mac_d} ─│  mac_d = HMAC(secret, "dst"‖nonce_s‖nonce_d)
+//!    │── Proof {mac_s} ─────────────────────────────────▶│  mac_s = HMAC(secret, "src"‖nonce_d‖nonce_s)
+//!    │◀────────────────────────────────────── Accepted ──│  (nothing else is accepted before this)
+//!    │── Config {machine config, RAM size} ─────────────▶│  destination creates empty RAM
+//!    │── Pages … Pages ─ RoundEnd {0} ──────────────────▶│  round 0: all populated memory
+//!    │── Pages … Pages ─ RoundEnd {1} ──────────────────▶│  round i: pages dirtied during round i-1
+//!    │        …  until a stop rule fires                 │
+//!    │  [pause vCPUs]                                    │
+//!    │── Pages … Pages ─ RoundEnd {n} ──────────────────▶│  last dirty pages (vCPUs stopped)
+//!    │── State {machine state} ─────────────────────────▶│  destination restores, stays paused
+//!    │── Checksums … (only with --verify) ──────────────▶│  destination compares every page
+//!    │── Complete ──────────────────────────────────────▶│  destination resumes the guest
+//!    │◀────────────────── Resumed {timings, verification} │
+//!    │  [source exits]                                   │
+//! ```
+//! Either side may send `Abort {reason}` at any point; a source that has not
+//! received `Resumed` then resumes its guest, which has lost nothing.
+//!
+//! # Framing
+//! Every frame is a 16-byte header and a payload:
+//! ```text
+//! magic "LMIG" (u32) | kind (u8) | 0 (u8) | 0 (u16) | length (u32) | crc32 (u32)
+//! ```
+//! all little-endian; the CRC covers kind, length and payload. A receiver
+//! checks the magic, the kind, the bound on the length (before allocating)
+//! and the CRC before it looks at the payload; each payload decoder then
+//! checks its own fields. Nothing from the network is trusted before that.
+
+use std::io::{self, Read, Write};
+
+/// Protocol version; bumped on any incompatible change.
+pub const VERSION: u32 = 1;
+/// Frame magic, "LMIG".
+pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
+/// Largest payload accepted: a page batch or a state blob fits well inside.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Header size.
+pub const HEADER_LEN: usize = 16;
+
+/// Errors of the wire protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("Connection failed")]
+    Io(#[from] io::Error),
+    #[error("Peer closed the connection")]
+    Closed,
+    #[error("Bad frame magic {0:#x}: the peer is not a migration endpoint")]
+    BadMagic(u32),
+    #[error("Frame length {0} exceeds the limit of {MAX_PAYLOAD}")]
+    TooLong(u32),
+    #[error("Frame CRC mismatch (kind {kind}): the stream is corrupt")]
+    BadCrc { kind: u8 },
+    #[error("Unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("Malformed {what} message: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("Unexpected {got} message while waiting for {expected}")]
+    Unexpected { got: &'static str, expected: &'static str },
+    #[error("Peer aborted the migration: {0}")]
+    PeerAborted(String),
+    #[error("Peer speaks protocol version {0}, this side {VERSION}")]
+    Version(u32),
+}
+
+/// Builds a `Malformed` error.
+pub fn malformed(what: &'static str, detail: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Challenge = 2,
+    Proof = 3,
+    Accepted = 4,
+    Config = 5,
+    Pages = 6,
+    RoundEnd = 7,
+    State = 8,
+    Checksums = 9,
+    Complete = 10,
+    Resumed = 11,
+    Abort = 12,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Proof,
+            4 => Accepted,
+            5 => Config,
+            6 => Pages,
+            7 => RoundEnd,
+            8 => State,
+            9 => Checksums,
+            10 => Complete,
+            11 => Resumed,
+            12 => Abort,
+            _ => return None,
+        })
+    }
+
+    /// The kind's name, for errors.
+    pub fn name(self) -> &'static str {
+        use Kind::*;
+        match self {
+            Hello => "Hello",
+            Challenge => "Challenge",
+            Proof => "Proof",
+            Accepted => "Accepted",
+            Config => "Config",
+            Pages => "Pages",
+            RoundEnd => "RoundEnd",
+            State => "State",
+            Checksums => "Checksums",
+            Complete => "Complete",
+            Resumed => "Resumed",
+            Abort => "Abort",
+        }
+    }
+}
+
+/// A checked frame.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Fails unless this frame is of kind `expected`; an `Abort` becomes
+    /// `PeerAborted`.
+    pub fn expect(self, expected: Kind) -> Result<Vec<u8>, ProtocolError> {
+        if self.kind == expected {
+            return Ok(self.payload);
+        }
+        if self.kind == Kind::Abort {
+            return Err(ProtocolError::PeerAborted(
+                String::from_utf8_lossy(&self.payload).into_owned(),
+            ));
+        }
+        Err(ProtocolError::Unexpected {
+            got: self.kind.name(),
+            expected: expected.name(),
+        })
+    }
+}
+
+fn crc(kind: u8, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind]);
+    h.update(&(payload.len() as u32).to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
+    write_frame_parts(w, kind, &[payload])
+}
+
+/// Writes one frame whose payload is the concatenation of `parts` (saves a
+/// copy when a payload is assembled from pieces).
+pub fn write_frame_parts(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_PAYLOAD as usize {
+        return Err(ProtocolError::TooLong(len as u32));
+    }
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind as u8]);
+    h.update(&(len as u32).to_le_bytes());
+    for p in parts {
+        h.update(p);
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4] = kind as u8;
+    header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    header[12..16].copy_from_slice(&h.finalize().to_le_bytes());
+    w.write_all(&header)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
+}
+
+/// Reads and checks one frame (magic, kind, length bound, CRC).
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut header) {
+        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            ProtocolError::Io(e)
+        });
+    }
+    let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    if header[5..8] != [0, 0, 0] {
+        return Err(malformed("frame header", "reserved bytes are not zero"));
+    }
+    let kind_raw = header[4];
+    let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    let sum = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLong(len));
+    }
+    let kind = Kind::from_u8(kind_raw).ok_or(ProtocolError::UnknownKind(kind_raw))?;
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            ProtocolError::Io(e)
+        }
+    })?;
+    if crc(kind_raw, &payload) != sum {
+        return Err(ProtocolError::BadCrc { kind: kind_raw });
+    }
+    Ok(Frame { kind, payload })
+}
+
+/// A little cursor for decoding payloads without panicking on short input.
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    /// Decodes `buf`, naming `what` in errors.
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, what }
+    }
+
+    /// Takes `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(malformed(self.what, format!("needs {n} more bytes, has {}", self.buf.len())));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+
+    pub fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// Bytes left.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Fails if bytes are left over.
+    pub fn finish(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(malformed(self.what, format!("{} trailing bytes", self.buf.len())))
+        }
+    }
+}
+
+/// `RoundEnd` payload: the round number.
+pub fn encode_round_end(round: u32) -> [u8; 4] {
+    round.to_le_bytes()
+}
+
+/// Decodes a `RoundEnd` payload.
+pub fn decode_round_end(p: &[u8]) -> Result<u32, ProtocolError> {
+    let mut c = Cursor::new(p, "RoundEnd");
+    let r = c.u32()?;
+    c.finish()?;
+    Ok(r)
+}
+
+/// `Config` payload: RAM size, then the machine configuration (JSON, opaque
+/// to this crate).
+pub fn encode_config(ram_size: u64, config: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + config.len());
+    v.extend_from_slice(&ram_size.to_le_bytes());
+    v.extend_from_slice(config);
+    v
+}
+
+/// Decodes a `Config` payload.
+pub fn decode_config(p: &[u8]) -> Result<(u64, &[u8]), ProtocolError> {
+    let mut c = Cursor::new(p, "Config");
+    let size = c.u64()?;
+    Ok((size, c.take(c.remaining())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, Kind::State, b"hello").unwrap();
+        write_frame_parts(&mut buf, Kind::Pages, &[b"ab", b"cd"]).unwrap();
+        let mut r = &buf[..];
+        let f = read_frame(&mut r).unwrap();
+        assert_eq!((f.kind, f.payload.as_slice()), (Kind::State, &b"hello"[..]));
+        let f = read_frame(&mut r).unwrap();
+        assert_eq!((f.kind, f.payload.as_slice()), (Kind::Pages, &b"abcd"[..]));
+        assert!(matches!(read_frame(&mut r), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn every_corruption_is_caught() {
+        let mut good = Vec::new();
+        write_frame(&mut good, Kind::Config, &[7u8; 64]).unwrap();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            assert!(read_frame(&mut &bad[..]).is_err(), "flip at byte {i} not detected");
+        }
+        for n in 0..good.len() {
+            assert!(read_frame(&mut &good[..n]).is_err(), "truncation at {n} not detected");
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        h[4] = Kind::Pages as u8;
+        h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read_frame(&mut &h[..]), Err(ProtocolError::TooLong(_))));
+    }
+
+    #[test]
+    fn cursor_never_panics_on_short_input() {
+        let mut c = Cursor::new(&[1, 2, 3], "test");
+        assert!(c.u64().is_err());
+        assert!(decode_round_end(&[1, 2]).is_err());
+        assert!(decode_config(&[0; 4]).is_err());
+    }
+}

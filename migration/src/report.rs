@@ -1,0 +1,104 @@
+//! What a migration measured. Serialized as JSON with stable snake_case
+//! names (`total_time_ms`, `downtime_ms`, `guest_downtime_ms`, `rounds`,
+//! `bytes_raw`, `bytes_wire`, `pages_verified`, `mismatched_pages`, ...)
+//! so that scripts can rely on them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::GuestView;
+
+/// One pre-copy round (the last one runs with the vCPUs paused).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Round {
+    pub round: u32,
+    /// Pages sent in this round.
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub lz4_pages: u64,
+    /// Bytes put on the wire in this round.
+    pub bytes: u64,
+    pub duration_ms: f64,
+    /// Pages the guest dirtied while this round was sent.
+    pub dirtied_pages: u64,
+    /// `dirtied_pages` per second of this round.
+    pub dirty_rate_pages_s: f64,
+    /// Measured throughput of this round.
+    pub bandwidth_mb_s: f64,
+    /// Downtime predicted after this round: dirtied bytes / bandwidth.
+    pub estimated_downtime_ms: f64,
+    /// Whether the vCPUs were paused during this round.
+    pub paused: bool,
+}
+
+/// Where the downtime went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// Sending the last dirty pages with the vCPUs paused.
+    pub last_round_ms: f64,
+    /// Reading vCPU, VM and device state on the source.
+    pub state_save_ms: f64,
+    /// Moving the state to the destination.
+    pub state_transfer_ms: f64,
+    /// Checksumming memory on both sides (`--verify` only).
+    pub verify_ms: f64,
+    /// Restoring the state into KVM on the destination.
+    pub restore_ms: f64,
+    /// Resuming the vCPUs on the destination.
+    pub resume_ms: f64,
+}
+
+/// Limits the migration ran with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_downtime_ms: f64,
+    pub max_rounds: u32,
+    pub max_bytes: u64,
+    pub bandwidth_bytes_s: Option<u64>,
+}
+
+/// The final report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub mode: String,
+    pub total_time_ms: f64,
+    /// Source pause to destination resume (wall clock of both ends).
+    pub downtime_ms: f64,
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Longest heartbeat gap the guest shows across the switch-over.
+    pub guest_downtime_ms: f64,
+    pub rounds: Vec<Round>,
+    /// Which rule ended pre-copy: `converged` (nothing dirty), `downtime`
+    /// (estimate within the limit), `max_rounds`, or `max_bytes`.
+    pub stop_rule: String,
+    pub bytes_raw: u64,
+    pub bytes_wire: u64,
+    pub pages_verified: u64,
+    pub mismatched_pages: u64,
+    /// The guest's own check of its memory and FPU (with `--verify`).
+    pub guest_verified: Option<bool>,
+    pub guest_detail: String,
+    pub limits: Limits,
+}
+
+/// What the destination tells the source in `Resumed`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResumedInfo {
+    pub restore_ms: f64,
+    pub resume_ms: f64,
+    pub verify_ms: f64,
+    /// Wall-clock time of the resume, ns since the epoch.
+    pub resumed_at_ns: u64,
+    /// When the state frame had fully arrived, ns since the epoch.
+    pub state_received_at_ns: u64,
+    pub pages_verified: u64,
+    pub mismatched_pages: u64,
+    pub guest: GuestView,
+}
+
+/// Wall-clock now, ns since the epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,248 @@
+//! The source side: connect, authenticate, pre-copy, stop-and-copy. On any
+//! failure before the destination confirms it runs, the source guest is
+//! resumed exactly as it was: it has lost nothing.
+
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::auth::{self, AuthError, Secret};
+use crate::codec::{BatchEncoder, Compression, PAGE};
+use crate::endpoint::{BoxError, SourceVm};
+use crate::protocol::{self, write_frame, Kind, ProtocolError};
+use crate::rate_limit::TokenBucket;
+use crate::report::{Limits, Report};
+use crate::transport::{self, TransportError};
+use crate::{precopy, stop_and_copy};
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("VMM operation '{what}' failed")]
+    Vm {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("Verification failed: {0} pages differ between source and destination")]
+    Mismatch(u64),
+    #[error("The guest's own verification failed on the destination: {0}")]
+    GuestVerification(String),
+}
+
+/// Wraps a VMM error with what was being done.
+pub fn vm_err(what: &'static str) -> impl FnOnce(BoxError) -> MigrationError {
+    move |source| MigrationError::Vm { what, source }
+}
+
+/// Migration options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Switch over once the predicted downtime is at most this.
+    pub max_downtime: Duration,
+    /// Switch over after this many rounds at the latest.
+    pub max_rounds: u32,
+    /// Switch over once this many bytes were sent.
+    pub max_bytes: u64,
+    /// Cap the link to this many bytes/s (token bucket).
+    pub bandwidth: Option<u64>,
+    pub compression: Compression,
+    /// Checksum every page on both sides and have the guest check itself.
+    pub verify: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(300),
+            max_rounds: 30,
+            max_bytes: u64::MAX,
+            bandwidth: None,
+            compression: Compression::Auto,
+            verify: false,
+        }
+    }
+}
+
+/// Live progress, for a progress bar.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub phase: String,
+    pub round: u32,
+    pub round_pages_sent: u64,
+    pub round_pages_total: u64,
+    pub bytes_wire: u64,
+    pub ram_pages: u64,
+}
+
+/// Shared progress handle.
+pub type ProgressHandle = Arc<Mutex<Progress>>;
+
+pub(crate) fn set_progress(p: &ProgressHandle, f: impl FnOnce(&mut Progress)) {
+    f(&mut p.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// A writer that counts bytes.
+#[derive(Debug)]
+pub struct Counting<W> {
+    pub inner: W,
+    pub bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Sends pages: reads them from the source VM, encodes, rate-limits, writes.
+pub struct PageSender<'a, V: SourceVm> {
+    pub vm: &'a V,
+    pub out: Counting<BufWriter<TcpStream>>,
+    pub enc: BatchEncoder,
+    limiter: Option<TokenBucket>,
+    buf: Vec<u8>,
+    pub progress: ProgressHandle,
+}
+
+/// Pages per read from the VM.
+const READ_PAGES: u64 = 256;
+
+impl<'a, V: SourceVm> PageSender<'a, V> {
+    fn new(vm: &'a V, stream: TcpStream, opts: &Options, progress: ProgressHandle) -> Self {
+        Self {
+            vm,
+            out: Counting {
+                inner: BufWriter::with_capacity(1 << 20, stream),
+                bytes: 0,
+            },
+            enc: BatchEncoder::new(opts.compression),
+            limiter: opts.bandwidth.map(TokenBucket::new),
+            buf: vec![0u8; (READ_PAGES as usize) * PAGE],
+            progress,
+        }
+    }
+
+    /// Sends pages `[first, first + n)`.
+    pub fn send_run(&mut self, first: u64, n: u64) -> Result<(), MigrationError> {
+        let mut p = first;
+        while p < first + n {
+            let k = (first + n - p).min(READ_PAGES);
+            let bytes = &mut self.buf[..(k as usize) * PAGE];
+            self.vm.read_ram(p * PAGE as u64, bytes).map_err(vm_err("read RAM"))?;
+            for i in 0..k as usize {
+                self.enc.push(p + i as u64, &self.buf[i * PAGE..(i + 1) * PAGE]);
+                if self.enc.is_full() {
+                    self.flush_batch()?;
+                }
+            }
+            p += k;
+            set_progress(&self.progress, |pr| {
+                pr.round_pages_sent += k;
+                pr.bytes_wire = self.out.bytes;
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the pending batch as one `Pages` frame.
+    pub fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        if self.enc.is_empty() {
+            return Ok(());
+        }
+        let payload = self.enc.take();
+        if let Some(l) = &mut self.limiter {
+            l.consume(payload.len() + protocol::HEADER_LEN);
+        }
+        write_frame(&mut self.out, Kind::Pages, &payload)?;
+        Ok(())
+    }
+
+    /// Writes a control frame (rate-limited like data).
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+        if let Some(l) = &mut self.limiter {
+            l.consume(payload.len() + protocol::HEADER_LEN);
+        }
+        write_frame(&mut self.out, kind, payload)?;
+        Ok(())
+    }
+
+    /// Pushes everything buffered to the socket.
+    pub fn flush(&mut self) -> Result<(), MigrationError> {
+        self.out.flush().map_err(ProtocolError::Io)?;
+        Ok(())
+    }
+
+    /// The underlying socket (for reading the destination's answers).
+    pub fn stream(&self) -> &TcpStream {
+        self.out.inner.get_ref()
+    }
+}
+
+/// Migrates `vm` live to `addr` with pre-copy and stop-and-copy.
+///
+/// On success the source VM is left paused (the caller exits); on failure it
+/// runs again as before.
+pub fn migrate<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    secret: &Secret,
+    opts: &Options,
+    progress: ProgressHandle,
+) -> Result<Report, MigrationError> {
+    let started = Instant::now();
+    set_progress(&progress, |p| {
+        p.phase = "connecting".into();
+        p.ram_pages = vm.ram_size() / PAGE as u64;
+    });
+    let mut stream = transport::connect(addr)?;
+    auth::authenticate_as_source(&mut stream, secret)?;
+    let mut sender = PageSender::new(vm, stream, opts, progress);
+    let mut paused = false;
+    let result = run(&mut sender, opts, &mut paused);
+    match result {
+        Ok(mut report) => {
+            report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.limits = Limits {
+                max_downtime_ms: opts.max_downtime.as_secs_f64() * 1e3,
+                max_rounds: opts.max_rounds,
+                max_bytes: opts.max_bytes,
+                bandwidth_bytes_s: opts.bandwidth,
+            };
+            let _ = vm.stop_dirty_log();
+            Ok(report)
+        }
+        Err(e) => {
+            // Tell the destination (if it still listens), then give the guest
+            // back its vCPUs: its memory and state were never changed.
+            let _ = sender.send(Kind::Abort, e.to_string().as_bytes());
+            let _ = sender.flush();
+            let _ = vm.stop_dirty_log();
+            if paused {
+                vm.resume();
+            }
+            Err(e)
+        }
+    }
+}
+
+fn run<V: SourceVm>(s: &mut PageSender<'_, V>, opts: &Options, paused: &mut bool) -> Result<Report, MigrationError> {
+    let config = s.vm.config_blob().map_err(vm_err("read config"))?;
+    s.send(Kind::Config, &protocol::encode_config(s.vm.ram_size(), &config))?;
+    let pre = precopy::run_rounds(s, opts)?;
+    stop_and_copy::switch_over(s, opts, pre, paused)
+}

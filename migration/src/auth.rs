@@ -38,7 +38,9 @@ pub enum AuthError {
     ShortSecret { path: String, len: usize },
     #[error("Authentication failed: the peer does not know the shared secret")]
     PeerNotAuthenticated,
-    #[error("Authentication failed: the peer refused our proof (wrong or missing secret on one side)")]
+    #[error(
+        "Authentication failed: the peer refused our proof (wrong or missing secret on one side)"
+    )]
     Refused,
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -79,7 +81,8 @@ impl Secret {
     }
 
     fn mac(&self, role: &[u8], a: &[u8], b: &[u8]) -> [u8; MAC_LEN] {
-        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut m =
+            <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(role);
         m.update(a);
         m.update(b);
@@ -87,7 +90,8 @@ impl Secret {
     }
 
     fn verify(&self, role: &[u8], a: &[u8], b: &[u8], tag: &[u8]) -> bool {
-        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut m =
+            <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(role);
         m.update(a);
         m.update(b);
@@ -112,7 +116,10 @@ fn check_version(c: &mut Cursor<'_>) -> Result<(), ProtocolError> {
 }
 
 /// The source's half of the handshake.
-pub fn authenticate_as_source(s: &mut (impl Read + Write), secret: &Secret) -> Result<(), AuthError> {
+pub fn authenticate_as_source(
+    s: &mut (impl Read + Write),
+    secret: &Secret,
+) -> Result<(), AuthError> {
     let nonce_s = nonce()?;
     let mut hello = VERSION.to_le_bytes().to_vec();
     hello.extend_from_slice(&nonce_s);
@@ -125,7 +132,11 @@ pub fn authenticate_as_source(s: &mut (impl Read + Write), secret: &Secret) -> R
     let mac_d = c.take(MAC_LEN)?;
     c.finish()?;
     if !secret.verify(b"dst", &nonce_s, nonce_d, mac_d) {
-        let _ = write_frame(s, Kind::Abort, b"authentication failed: destination proof invalid");
+        let _ = write_frame(
+            s,
+            Kind::Abort,
+            b"authentication failed: destination proof invalid",
+        );
         return Err(AuthError::PeerNotAuthenticated);
     }
     write_frame(s, Kind::Proof, &secret.mac(b"src", nonce_d, &nonce_s))?;
@@ -138,7 +149,10 @@ pub fn authenticate_as_source(s: &mut (impl Read + Write), secret: &Secret) -> R
 }
 
 /// The destination's half of the handshake.
-pub fn authenticate_as_destination(s: &mut (impl Read + Write), secret: &Secret) -> Result<(), AuthError> {
+pub fn authenticate_as_destination(
+    s: &mut (impl Read + Write),
+    secret: &Secret,
+) -> Result<(), AuthError> {
     let p = read_frame(s)?.expect(Kind::Hello)?;
     let mut c = Cursor::new(&p, "Hello");
     check_version(&mut c)?;
@@ -156,7 +170,11 @@ pub fn authenticate_as_destination(s: &mut (impl Read + Write), secret: &Secret)
         Err(e) => return Err(e.into()),
     };
     if proof.len() != MAC_LEN || !secret.verify(b"src", &nonce_d, &nonce_s, &proof) {
-        let _ = write_frame(s, Kind::Abort, b"authentication failed: source proof invalid");
+        let _ = write_frame(
+            s,
+            Kind::Abort,
+            b"authentication failed: source proof invalid",
+        );
         let _ = s.flush();
         return Err(AuthError::PeerNotAuthenticated);
     }
@@ -170,9 +188,14 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    fn run(src: &'static [u8], dst: &'static [u8]) -> (Result<(), AuthError>, Result<(), AuthError>) {
+    fn run(
+        src: &'static [u8],
+        dst: &'static [u8],
+    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || authenticate_as_destination(&mut b, &Secret::from_bytes(dst)));
+        let t = std::thread::spawn(move || {
+            authenticate_as_destination(&mut b, &Secret::from_bytes(dst))
+        });
         let r = authenticate_as_source(&mut a, &Secret::from_bytes(src));
         drop(a);
         (r, t.join().unwrap())

@@ -68,7 +68,9 @@ pub fn is_zero(page: &[u8]) -> bool {
         // the aligned middle of the byte slice.
         unsafe { page.align_to::<u64>() }
     };
-    head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0) && words.iter().fold(0, |a, w| a | w) == 0
+    head.iter().all(|b| *b == 0)
+        && tail.iter().all(|b| *b == 0)
+        && words.iter().fold(0, |a, w| a | w) == 0
 }
 
 /// Builds one `Pages` payload.
@@ -187,7 +189,11 @@ pub fn decode_batch<E: From<ProtocolError>>(
     for _ in 0..count {
         let page_no = c.u64()?;
         if page_no >= ram_pages {
-            return Err(malformed("Pages", format!("page {page_no} beyond RAM ({ram_pages} pages)")).into());
+            return Err(malformed(
+                "Pages",
+                format!("page {page_no} beyond RAM ({ram_pages} pages)"),
+            )
+            .into());
         }
         match c.u8()? {
             ZERO => f(page_no, PageData::Zero)?,
@@ -197,8 +203,14 @@ pub fn decode_batch<E: From<ProtocolError>>(
                 let block = c.take(n)?;
                 match lz4_flex::block::decompress_into(block, &mut page) {
                     Ok(PAGE) => f(page_no, PageData::Bytes(&page))?,
-                    Ok(m) => return Err(malformed("Pages", format!("lz4 page {page_no} is {m} bytes")).into()),
-                    Err(e) => return Err(malformed("Pages", format!("lz4 page {page_no}: {e}")).into()),
+                    Ok(m) => {
+                        return Err(
+                            malformed("Pages", format!("lz4 page {page_no} is {m} bytes")).into(),
+                        )
+                    }
+                    Err(e) => {
+                        return Err(malformed("Pages", format!("lz4 page {page_no}: {e}")).into())
+                    }
                 }
             }
             e => return Err(malformed("Pages", format!("unknown encoding {e}")).into()),
@@ -215,10 +227,13 @@ mod tests {
     fn decode(p: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ProtocolError> {
         let mut out = Vec::new();
         decode_batch::<ProtocolError>(p, 1000, |n, d| {
-            out.push((n, match d {
-                PageData::Zero => vec![0; PAGE],
-                PageData::Bytes(b) => b.to_vec(),
-            }));
+            out.push((
+                n,
+                match d {
+                    PageData::Zero => vec![0; PAGE],
+                    PageData::Bytes(b) => b.to_vec(),
+                },
+            ));
             Ok(())
         })?;
         Ok(out)
@@ -244,7 +259,10 @@ mod tests {
         let s = e.stats;
         let p = e.take();
         assert_eq!((s.pages, s.zero_pages, s.lz4_pages), (3, 1, 1));
-        assert!(p.len() < 4 + 3 * ENTRY_HEADER + PAGE + PAGE / 2, "zero page or lz4 not used");
+        assert!(
+            p.len() < 4 + 3 * ENTRY_HEADER + PAGE + PAGE / 2,
+            "zero page or lz4 not used"
+        );
         assert_eq!(decode(&p).unwrap(), vec![(1, zero), (2, text), (3, noise)]);
     }
 
@@ -284,7 +302,9 @@ mod tests {
         for n in 0..200 {
             let page: Vec<u8> = (0..PAGE)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     (x >> 56) as u8
                 })
                 .collect();

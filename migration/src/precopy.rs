@@ -71,7 +71,11 @@ pub fn send_round<V: SourceVm>(
     let stats0 = s.enc.stats;
     let total: u64 = page_runs.iter().map(|r| r.1).sum();
     set_progress(&s.progress, |p| {
-        p.phase = if paused { "stop-and-copy".into() } else { "pre-copy".into() };
+        p.phase = if paused {
+            "stop-and-copy".into()
+        } else {
+            "pre-copy".into()
+        };
         p.round = round;
         p.round_pages_sent = 0;
         p.round_pages_total = total;
@@ -99,21 +103,26 @@ pub fn send_round<V: SourceVm>(
 }
 
 /// Runs pre-copy rounds until a stop rule fires.
-pub fn run_rounds<V: SourceVm>(s: &mut PageSender<'_, V>, opts: &Options) -> Result<PrecopyOutcome, MigrationError> {
-    s.vm.start_dirty_log().map_err(vm_err("start dirty logging"))?;
-    let populated: Vec<(u64, u64)> = s
-        .vm
-        .populated_ranges()
-        .map_err(vm_err("find populated memory"))?
-        .into_iter()
-        .map(|(off, len)| (off / PAGE as u64, len.div_ceil(PAGE as u64)))
-        .collect();
+pub fn run_rounds<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    opts: &Options,
+) -> Result<PrecopyOutcome, MigrationError> {
+    s.vm.start_dirty_log()
+        .map_err(vm_err("start dirty logging"))?;
+    let populated: Vec<(u64, u64)> =
+        s.vm.populated_ranges()
+            .map_err(vm_err("find populated memory"))?
+            .into_iter()
+            .map(|(off, len)| (off / PAGE as u64, len.div_ceil(PAGE as u64)))
+            .collect();
     let mut rounds = Vec::new();
     let mut page_runs = populated;
     let mut bandwidth = f64::INFINITY;
     for round in 0.. {
         let mut r = send_round(s, round, &page_runs, false)?;
-        let dirty = s.vm.take_dirty_bitmap().map_err(vm_err("read the dirty log"))?;
+        let dirty =
+            s.vm.take_dirty_bitmap()
+                .map_err(vm_err("read the dirty log"))?;
         let dirtied = count(&dirty);
         let secs = r.duration_ms / 1e3;
         if r.bytes > 0 && secs > 0.0 {

@@ -61,7 +61,10 @@ pub enum ProtocolError {
     #[error("Malformed {what} message: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error("Unexpected {got} message while waiting for {expected}")]
-    Unexpected { got: &'static str, expected: &'static str },
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
     #[error("Peer aborted the migration: {0}")]
     PeerAborted(String),
     #[error("Peer speaks protocol version {0}, this side {VERSION}")]
@@ -175,7 +178,11 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(),
 
 /// Writes one frame whose payload is the concatenation of `parts` (saves a
 /// copy when a payload is assembled from pieces).
-pub fn write_frame_parts(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+pub fn write_frame_parts(
+    w: &mut impl Write,
+    kind: Kind,
+    parts: &[&[u8]],
+) -> Result<(), ProtocolError> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > MAX_PAYLOAD as usize {
         return Err(ProtocolError::TooLong(len as u32));
@@ -252,7 +259,10 @@ impl<'a> Cursor<'a> {
     /// Takes `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         if self.buf.len() < n {
-            return Err(malformed(self.what, format!("needs {n} more bytes, has {}", self.buf.len())));
+            return Err(malformed(
+                self.what,
+                format!("needs {n} more bytes, has {}", self.buf.len()),
+            ));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -264,15 +274,21 @@ impl<'a> Cursor<'a> {
     }
 
     pub fn u16(&mut self) -> Result<u16, ProtocolError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
 
     pub fn u32(&mut self) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     pub fn u64(&mut self) -> Result<u64, ProtocolError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// Bytes left.
@@ -285,7 +301,10 @@ impl<'a> Cursor<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(malformed(self.what, format!("{} trailing bytes", self.buf.len())))
+            Err(malformed(
+                self.what,
+                format!("{} trailing bytes", self.buf.len()),
+            ))
         }
     }
 }
@@ -343,10 +362,16 @@ mod tests {
         for i in 0..good.len() {
             let mut bad = good.clone();
             bad[i] ^= 0x10;
-            assert!(read_frame(&mut &bad[..]).is_err(), "flip at byte {i} not detected");
+            assert!(
+                read_frame(&mut &bad[..]).is_err(),
+                "flip at byte {i} not detected"
+            );
         }
         for n in 0..good.len() {
-            assert!(read_frame(&mut &good[..n]).is_err(), "truncation at {n} not detected");
+            assert!(
+                read_frame(&mut &good[..n]).is_err(),
+                "truncation at {n} not detected"
+            );
         }
     }
 
@@ -356,7 +381,10 @@ mod tests {
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[4] = Kind::Pages as u8;
         h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(read_frame(&mut &h[..]), Err(ProtocolError::TooLong(_))));
+        assert!(matches!(
+            read_frame(&mut &h[..]),
+            Err(ProtocolError::TooLong(_))
+        ));
     }
 
     #[test]

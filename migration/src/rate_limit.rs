@@ -28,7 +28,8 @@ impl TokenBucket {
     /// Waits until `n` bytes may be sent, then takes them.
     pub fn consume(&mut self, n: usize) {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         self.tokens -= n as f64;
         if self.tokens < 0.0 {
@@ -53,7 +54,11 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
         "kbit" => 1e3 / 8.0,
         "mbit" => 1e6 / 8.0,
         "gbit" => 1e9 / 8.0,
-        _ => return Err(format!("bad bandwidth unit in '{s}' (use Mbit, Gbit, M, G)")),
+        _ => {
+            return Err(format!(
+                "bad bandwidth unit in '{s}' (use Mbit, Gbit, M, G)"
+            ))
+        }
     };
     let b = v * mult;
     if !b.is_finite() || b < 1.0 {
@@ -83,6 +88,10 @@ mod tests {
             b.consume(65536);
         }
         // 2.6 MB at 10 MB/s, minus one burst: at least ~0.2 s.
-        assert!(t.elapsed() >= Duration::from_millis(190), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -34,7 +34,8 @@ pub fn receive<D: DestinationVm>(
     secret: &Secret,
     dst: &mut D,
 ) -> Result<Received, MigrationError> {
-    let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone().map_err(ProtocolError::Io)?);
+    let mut reader =
+        BufReader::with_capacity(1 << 20, stream.try_clone().map_err(ProtocolError::Io)?);
     let mut writer = BufWriter::new(stream);
     auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut writer), secret)?;
     let result = run(&mut reader, &mut writer, dst);
@@ -104,7 +105,8 @@ fn run<D: DestinationVm>(
                     };
                     written[bit] |= mask;
                     out.pages += 1;
-                    dst.write_ram(page * PAGE as u64, bytes).map_err(vm_err("write RAM"))
+                    dst.write_ram(page * PAGE as u64, bytes)
+                        .map_err(vm_err("write RAM"))
                 })?;
             }
             Kind::RoundEnd if !state_seen => {
@@ -114,7 +116,8 @@ fn run<D: DestinationVm>(
             Kind::State if !state_seen => {
                 info.state_received_at_ns = now_ns();
                 let t = Instant::now();
-                dst.restore(&frame.payload).map_err(vm_err("restore machine state"))?;
+                dst.restore(&frame.payload)
+                    .map_err(vm_err("restore machine state"))?;
                 info.restore_ms = t.elapsed().as_secs_f64() * 1e3;
                 state_seen = true;
             }
@@ -133,12 +136,19 @@ fn run<D: DestinationVm>(
                 return Ok(out);
             }
             Kind::Abort => {
-                return Err(ProtocolError::PeerAborted(String::from_utf8_lossy(&frame.payload).into_owned()).into())
+                return Err(ProtocolError::PeerAborted(
+                    String::from_utf8_lossy(&frame.payload).into_owned(),
+                )
+                .into())
             }
             k => {
                 return Err(ProtocolError::Unexpected {
                     got: k.name(),
-                    expected: if state_seen { "Checksums or Complete" } else { "Pages, RoundEnd or State" },
+                    expected: if state_seen {
+                        "Checksums or Complete"
+                    } else {
+                        "Pages, RoundEnd or State"
+                    },
                 }
                 .into())
             }
@@ -154,7 +164,9 @@ fn verify_pages<D: DestinationVm>(
     info: &mut ResumedInfo,
 ) -> Result<(), MigrationError> {
     let t = Instant::now();
-    let populated = dst.populated_ranges().map_err(vm_err("find populated memory"))?;
+    let populated = dst
+        .populated_ranges()
+        .map_err(vm_err("find populated memory"))?;
     let got = verify::page_crcs(ram_size, &populated, |off, buf| dst.read_ram(off, buf))
         .map_err(vm_err("checksum memory"))?;
     let mut mismatched = 0u64;
@@ -189,7 +201,9 @@ fn finish<D: DestinationVm>(
     dst.resume().map_err(vm_err("resume"))?;
     info.resume_ms = t.elapsed().as_secs_f64() * 1e3;
     info.resumed_at_ns = now_ns();
-    info.guest = dst.after_resume(verify).map_err(vm_err("observe the guest"))?;
+    info.guest = dst
+        .after_resume(verify)
+        .map_err(vm_err("observe the guest"))?;
     if info.guest.guest_verified == Some(false) {
         return Err(MigrationError::GuestVerification(info.guest.detail.clone()));
     }

@@ -143,9 +143,12 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         while p < first + n {
             let k = (first + n - p).min(READ_PAGES);
             let bytes = &mut self.buf[..(k as usize) * PAGE];
-            self.vm.read_ram(p * PAGE as u64, bytes).map_err(vm_err("read RAM"))?;
+            self.vm
+                .read_ram(p * PAGE as u64, bytes)
+                .map_err(vm_err("read RAM"))?;
             for i in 0..k as usize {
-                self.enc.push(p + i as u64, &self.buf[i * PAGE..(i + 1) * PAGE]);
+                self.enc
+                    .push(p + i as u64, &self.buf[i * PAGE..(i + 1) * PAGE]);
                 if self.enc.is_full() {
                     self.flush_batch()?;
                 }
@@ -240,9 +243,16 @@ pub fn migrate<V: SourceVm>(
     }
 }
 
-fn run<V: SourceVm>(s: &mut PageSender<'_, V>, opts: &Options, paused: &mut bool) -> Result<Report, MigrationError> {
+fn run<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    opts: &Options,
+    paused: &mut bool,
+) -> Result<Report, MigrationError> {
     let config = s.vm.config_blob().map_err(vm_err("read config"))?;
-    s.send(Kind::Config, &protocol::encode_config(s.vm.ram_size(), &config))?;
+    s.send(
+        Kind::Config,
+        &protocol::encode_config(s.vm.ram_size(), &config),
+    )?;
     let pre = precopy::run_rounds(s, opts)?;
     stop_and_copy::switch_over(s, opts, pre, paused)
 }

@@ -31,7 +31,9 @@ pub fn switch_over<V: SourceVm>(
     s.vm.pause();
     *paused = true;
     let mut dirty = pre.dirty;
-    let more = s.vm.take_dirty_bitmap().map_err(vm_err("read the dirty log"))?;
+    let more =
+        s.vm.take_dirty_bitmap()
+            .map_err(vm_err("read the dirty log"))?;
     for (d, m) in dirty.iter_mut().zip(&more) {
         *d |= m;
     }
@@ -52,17 +54,26 @@ pub fn switch_over<V: SourceVm>(
     let mut verify_src_ms = 0.0;
     if opts.verify {
         let t = Instant::now();
-        let populated = s.vm.populated_ranges().map_err(vm_err("find populated memory"))?;
-        let crcs = verify::page_crcs(s.vm.ram_size(), &populated, |off, buf| s.vm.read_ram(off, buf))
-            .map_err(vm_err("checksum memory"))?;
+        let populated =
+            s.vm.populated_ranges()
+                .map_err(vm_err("find populated memory"))?;
+        let crcs = verify::page_crcs(s.vm.ram_size(), &populated, |off, buf| {
+            s.vm.read_ram(off, buf)
+        })
+        .map_err(vm_err("checksum memory"))?;
         verify_src_ms = t.elapsed().as_secs_f64() * 1e3;
         for (i, chunk) in crcs.chunks(verify::CHUNK).enumerate() {
-            s.send(Kind::Checksums, &verify::encode((i * verify::CHUNK) as u64, chunk))?;
+            s.send(
+                Kind::Checksums,
+                &verify::encode((i * verify::CHUNK) as u64, chunk),
+            )?;
         }
     }
     s.send(Kind::Complete, &[])?;
     s.flush()?;
-    set_progress(&s.progress, |p| p.phase = "waiting for the destination".into());
+    set_progress(&s.progress, |p| {
+        p.phase = "waiting for the destination".into()
+    });
 
     let info = read_resumed(s.stream())?;
     let mut report = Report {

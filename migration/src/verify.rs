@@ -54,8 +54,14 @@ pub fn decode_into(p: &[u8], into: &mut [Option<u32>]) -> Result<(), ProtocolErr
     let mut c = Cursor::new(p, "Checksums");
     let first = c.u64()?;
     let n = c.u32()? as u64;
-    if first.checked_add(n).is_none_or(|end| end > into.len() as u64) {
-        return Err(malformed("Checksums", format!("pages {first}+{n} beyond RAM")));
+    if first
+        .checked_add(n)
+        .is_none_or(|end| end > into.len() as u64)
+    {
+        return Err(malformed(
+            "Checksums",
+            format!("pages {first}+{n} beyond RAM"),
+        ));
     }
     for i in 0..n {
         into[(first + i) as usize] = Some(c.u32()?);

@@ -5,9 +5,13 @@
 //!         --workload wset=256M,rate=20000,read=50000,fill=100 [--api-socket PATH]
 //! vmm run --restore FILE [--api-socket PATH]
 //! vmm ctl --api-socket PATH pause|resume|state|verify|scan|quit|save FILE|restore FILE
+//! vmm receive --listen tcp:ADDR --secret FILE
+//! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
+//! vmm demo
 //! vmm guests
 //! ```
 
+mod migrate;
 mod run;
 
 use std::path::PathBuf;
@@ -38,6 +42,12 @@ enum Command {
         #[command(subcommand)]
         action: CtlAction,
     },
+    /// Wait for an incoming live migration, then run the guest.
+    Receive(migrate::ReceiveArgs),
+    /// Tell a running vmm to migrate its guest live to a receiving vmm.
+    Migrate(migrate::MigrateArgs),
+    /// Boot a guest and migrate it live to a second process on loopback.
+    Demo(migrate::DemoArgs),
     /// List the embedded guests.
     Guests,
 }
@@ -97,6 +107,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Receive(args) => migrate::receive(args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Demo(args) => migrate::demo(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Guests => {
             for g in guest_images::GUESTS {

@@ -29,21 +29,28 @@ pub struct RunArgs {
     /// Restore this snapshot file instead of booting.
     #[arg(long)]
     restore: Option<PathBuf>,
+    #[command(flatten)]
+    after: AfterStart,
+}
+
+/// What to do once a machine runs (shared by `run` and `receive`).
+#[derive(clap::Args, Debug)]
+pub struct AfterStart {
     /// Serve the JSON control socket here.
     #[arg(long)]
-    api_socket: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
     /// Stop after this many seconds (default: run until `quit`).
     #[arg(long)]
-    duration: Option<f64>,
+    pub duration: Option<f64>,
     /// Print a status line this often (ms; 0 = never).
     #[arg(long, default_value_t = 1000)]
-    status_ms: u64,
+    pub status_ms: u64,
     /// Echo the guest's serial console to stderr.
     #[arg(long)]
-    console: bool,
-    /// Print status lines as JSON.
+    pub console: bool,
+    /// Print status lines (and reports) as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -58,7 +65,7 @@ fn parse_workload_arg(s: &str) -> Result<Workload, String> {
 pub fn run(args: RunArgs) -> Result<(), String> {
     let started = Instant::now();
     let opts = RunOptions {
-        echo_console: args.console,
+        echo_console: args.after.console,
     };
     let machine = match &args.restore {
         Some(path) => {
@@ -78,12 +85,17 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }
     };
     let ctl = Controller::new(machine, opts);
-    if let Some(path) = &args.api_socket {
+    report_first_heartbeat(&ctl, started);
+    serve_and_loop(&ctl, &args.after)
+}
+
+/// Serves the control socket (if asked) and runs the main loop.
+pub fn serve_and_loop(ctl: &Arc<Controller>, after: &AfterStart) -> Result<(), String> {
+    if let Some(path) = &after.api_socket {
         ctl.serve(path)
             .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     }
-    report_first_heartbeat(&ctl, started);
-    main_loop(&ctl, &args)
+    main_loop(ctl, after)
 }
 
 /// Prints how long it took from process start to the first heartbeat.
@@ -105,11 +117,14 @@ fn report_first_heartbeat(ctl: &Arc<Controller>, started: Instant) {
     }
 }
 
-fn main_loop(ctl: &Arc<Controller>, args: &RunArgs) -> Result<(), String> {
+fn main_loop(ctl: &Arc<Controller>, args: &AfterStart) -> Result<(), String> {
     let started = Instant::now();
     let mut next_status = Instant::now();
     loop {
-        if ctl.quit_requested() {
+        if ctl.quit_requested() || ctl.migrated_away() {
+            if let Some(Ok(_)) = ctl.migration_result() {
+                eprintln!("migrated away: the guest runs on the destination now");
+            }
             return Ok(());
         }
         if let Some(reason) = ctl.with(|m| m.stop_reason()) {

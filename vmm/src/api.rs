@@ -28,6 +28,39 @@ use serde_json::{json, Value};
 use crate::machine::{Machine, RunOptions};
 use crate::snapshot;
 
+/// Parameters of a `migrate` request.
+#[derive(Debug, Deserialize)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT` of the destination.
+    pub to: String,
+    /// File holding the shared secret.
+    pub secret_file: PathBuf,
+    #[serde(default)]
+    pub max_downtime_ms: Option<f64>,
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// e.g. "1Gbit".
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+    /// none | lz4 | auto
+    #[serde(default)]
+    pub compression: Option<String>,
+    #[serde(default)]
+    pub verify: bool,
+}
+
+/// A migration in progress or finished.
+#[derive(Debug, Default)]
+struct MigrationSlot {
+    running: bool,
+    finished_at: Option<Instant>,
+    fetched_at: Option<Instant>,
+    progress: migration::source::ProgressHandle,
+    result: Option<Result<migration::Report, String>>,
+}
+
 /// A request on the control socket.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -39,15 +72,19 @@ pub enum Request {
     Restore { path: PathBuf },
     Verify,
     Scan,
+    Migrate(MigrateRequest),
+    MigrationStatus,
     Quit,
 }
 
 /// The machine a control socket acts on; shared with the main loop.
 #[derive(Debug)]
 pub struct Controller {
-    machine: Mutex<Machine>,
+    machine: Mutex<Arc<Machine>>,
     opts: RunOptions,
     quit: AtomicBool,
+    migration: Mutex<MigrationSlot>,
+    me: std::sync::Weak<Controller>,
 }
 
 /// Full error chain of `e`, for messages sent to a user.
@@ -65,16 +102,35 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 impl Controller {
     /// Wraps a machine.
     pub fn new(machine: Machine, opts: RunOptions) -> Arc<Self> {
-        Arc::new(Self {
-            machine: Mutex::new(machine),
+        Arc::new_cyclic(|me| Self {
+            machine: Mutex::new(Arc::new(machine)),
             opts,
             quit: AtomicBool::new(false),
+            migration: Mutex::new(MigrationSlot::default()),
+            me: me.clone(),
         })
     }
 
-    /// Runs `f` with the machine locked.
-    pub fn with<T>(&self, f: impl FnOnce(&mut Machine) -> T) -> T {
-        f(&mut self.machine.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The current machine (a `restore` may replace it).
+    pub fn machine(&self) -> Arc<Machine> {
+        self.machine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs `f` on the current machine.
+    pub fn with<T>(&self, f: impl FnOnce(&Machine) -> T) -> T {
+        f(&self.machine())
+    }
+
+    /// The result of a finished migration, if any.
+    pub fn migration_result(&self) -> Option<Result<migration::Report, String>> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .result
+            .clone()
     }
 
     /// Whether a `quit` was requested.
@@ -130,9 +186,79 @@ impl Controller {
                 let r = self.with(|m| m.scan_working_set()).map_err(|e| chain(&e))?;
                 return serde_json::to_value(r).map_err(|e| e.to_string());
             }
+            Request::Migrate(req) => return self.start_migration(req),
+            Request::MigrationStatus => return Ok(self.migration_status()),
             Request::Quit => self.request_quit(),
         }
         Ok(json!({}))
+    }
+
+    fn start_migration(&self, req: MigrateRequest) -> Result<Value, String> {
+        let opts = migration_options(&req)?;
+        let secret =
+            migration::auth::Secret::from_file(&req.secret_file).map_err(|e| error_chain(&e))?;
+        let mut slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.running {
+            return Err("a migration is already running".into());
+        }
+        if self.machine().is_paused() {
+            return Err("the machine is paused; resume it before migrating".into());
+        }
+        *slot = MigrationSlot {
+            running: true,
+            ..Default::default()
+        };
+        let progress = slot.progress.clone();
+        drop(slot);
+        let machine = self.machine();
+        let me = self.self_ref();
+        std::thread::Builder::new()
+            .name("migrate".into())
+            .spawn(move || {
+                let r = migration::migrate(&*machine, &req.to, &secret, &opts, progress)
+                    .map_err(|e| error_chain(&e));
+                let mut slot = me.migration.lock().unwrap_or_else(|e| e.into_inner());
+                slot.running = false;
+                slot.finished_at = Some(Instant::now());
+                slot.result = Some(r);
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(json!({"started": true}))
+    }
+
+    /// After a successful migration the guest lives on the destination: this
+    /// process ends shortly after the report was fetched, or 10 s after the
+    /// migration at the latest.
+    pub fn migrated_away(&self) -> bool {
+        let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let after = |t: Option<Instant>, d| t.is_some_and(|t| t.elapsed() > d);
+        matches!(slot.result, Some(Ok(_)))
+            && (after(slot.fetched_at, Duration::from_millis(200))
+                || after(slot.finished_at, Duration::from_secs(10)))
+    }
+
+    fn migration_status(&self) -> Value {
+        let mut slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(slot.result, Some(Ok(_))) && slot.fetched_at.is_none() {
+            slot.fetched_at = Some(Instant::now());
+        }
+        let progress = slot
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (report, error) = match &slot.result {
+            Some(Ok(r)) => (Some(r.clone()), None),
+            Some(Err(e)) => (None, Some(e.clone())),
+            None => (None, None),
+        };
+        json!({"running": slot.running, "progress": progress, "report": report, "failure": error})
+    }
+
+    fn self_ref(&self) -> Arc<Controller> {
+        self.me
+            .upgrade()
+            .expect("controller is alive while it handles requests")
     }
 
     fn restore(&self, path: &Path) -> Result<Value, String> {
@@ -140,8 +266,8 @@ impl Controller {
         let (state, ram) = snapshot::load(path).map_err(|e| error_chain(&e))?;
         let new = Machine::restore(&state, ram, &self.opts).map_err(|e| error_chain(&e))?;
         new.resume();
-        let old = self.with(|m| std::mem::replace(m, new));
-        old.shutdown();
+        // The old machine's vCPU threads stop when its last reference goes.
+        *self.machine.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(json!({"restore_ms": t.elapsed().as_secs_f64() * 1e3}))
     }
 
@@ -196,6 +322,35 @@ pub fn state_json(m: &Machine) -> Result<Value, String> {
         "events": m.devices().probe.events(),
         "stop_reason": m.stop_reason().map(|r| format!("{r:?}")),
     }))
+}
+
+fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {
+    let mut o = migration::Options {
+        verify: req.verify,
+        ..Default::default()
+    };
+    if let Some(ms) = req.max_downtime_ms {
+        if !(ms.is_finite() && ms >= 0.0) {
+            return Err(format!("bad max_downtime_ms {ms}"));
+        }
+        o.max_downtime = Duration::from_secs_f64(ms / 1e3);
+    }
+    if let Some(r) = req.max_rounds {
+        if r == 0 {
+            return Err("max_rounds must be at least 1".into());
+        }
+        o.max_rounds = r;
+    }
+    if let Some(b) = req.max_bytes {
+        o.max_bytes = b;
+    }
+    if let Some(b) = &req.bandwidth {
+        o.bandwidth = Some(migration::rate_limit::parse_bandwidth(b)?);
+    }
+    if let Some(c) = &req.compression {
+        o.compression = c.parse()?;
+    }
+    Ok(o)
 }
 
 /// Sends one request to a control socket and returns the response.

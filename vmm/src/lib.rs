@@ -17,6 +17,7 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod machine;
+pub mod migrate;
 pub mod snapshot;
 pub mod vstate;
 

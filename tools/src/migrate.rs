@@ -1,0 +1,336 @@
+//! `vmm receive`, `vmm migrate` and `vmm demo`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use migration::DestinationVm;
+use serde_json::{json, Value};
+use vmm::api::{call, error_chain, Controller};
+use vmm::config::parse_size;
+use vmm::migrate::Incoming;
+use vmm::RunOptions;
+
+/// Arguments of `vmm receive`.
+#[derive(clap::Args, Debug)]
+pub struct ReceiveArgs {
+    /// Where to wait for the source: tcp:HOST:PORT.
+    #[arg(long)]
+    listen: String,
+    /// File with the shared secret (at least 16 bytes).
+    #[arg(long)]
+    secret: PathBuf,
+    #[command(flatten)]
+    after: crate::run::AfterStart,
+}
+
+/// Arguments of `vmm migrate`.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// Control socket of the source vmm.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Destination: tcp:HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// File with the shared secret.
+    #[arg(long)]
+    secret: PathBuf,
+    /// Migration mode.
+    #[arg(long, default_value = "pre", value_parser = ["pre"])]
+    mode: String,
+    /// Switch over once the predicted downtime is below this (e.g. 50ms, 1s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    max_downtime: Option<f64>,
+    /// Switch over after this many rounds at the latest.
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Switch over once this much was sent (e.g. 4G).
+    #[arg(long, value_parser = parse_size_arg)]
+    max_bytes: Option<u64>,
+    /// Cap the link (e.g. 1Gbit, 100Mbit, 50M bytes/s).
+    #[arg(long)]
+    bandwidth: Option<String>,
+    /// Page compression: none, lz4 or auto.
+    #[arg(long, default_value = "auto")]
+    compression: String,
+    /// Checksum every page on both sides and have the guest verify itself.
+    #[arg(long)]
+    verify: bool,
+    /// Print the report as JSON on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Parses `50ms`, `1.5s` or a plain number of milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (v, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        (t, 1.0)
+    };
+    match v.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x * mult),
+        _ => Err(format!("bad duration '{s}' (e.g. 50ms, 1s)")),
+    }
+}
+
+/// Waits for one incoming migration, then runs the guest.
+pub fn receive(args: ReceiveArgs) -> Result<(), String> {
+    let secret = migration::auth::Secret::from_file(&args.secret).map_err(|e| error_chain(&e))?;
+    let listener = migration::transport::listen(&args.listen).map_err(|e| error_chain(&e))?;
+    eprintln!("waiting for a migration on {}", args.listen);
+    let (stream, peer) = migration::transport::accept(&listener).map_err(|e| error_chain(&e))?;
+    eprintln!("incoming migration from {peer}");
+    let opts = RunOptions {
+        echo_console: args.after.console,
+    };
+    let mut incoming = Incoming::new(opts.clone());
+    let received = migration::receive::receive(stream, &secret, &mut incoming)
+        .map_err(|e| format!("incoming migration failed: {}", error_chain(&e)))?;
+    let machine = incoming
+        .into_running()
+        .ok_or("migration finished without a machine")?;
+    eprintln!(
+        "guest resumed here after {} rounds, {} pages; guest-seen downtime {:.2} ms",
+        received.rounds, received.pages, received.resumed.guest.guest_downtime_ms
+    );
+    if args.after.json {
+        println!("{}", json!({"received": received}));
+    }
+    let ctl = Controller::new(machine, opts);
+    crate::run::serve_and_loop(&ctl, &args.after)
+}
+
+/// Asks a running vmm to migrate, shows progress, prints the report.
+pub fn migrate(args: MigrateArgs) -> Result<(), String> {
+    let req = json!({
+        "cmd": "migrate",
+        "to": args.to,
+        "secret_file": args.secret,
+        "max_downtime_ms": args.max_downtime,
+        "max_rounds": args.max_rounds,
+        "max_bytes": args.max_bytes,
+        "bandwidth": args.bandwidth,
+        "compression": args.compression,
+        "verify": args.verify,
+    });
+    let sock = &args.api_socket;
+    let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+    if resp["ok"] != json!(true) {
+        return Err(resp["error"]
+            .as_str()
+            .unwrap_or("migrate refused")
+            .to_string());
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>28} [{bar:40}] {pos}/{len} pages")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        b
+    });
+    let status = loop {
+        let st = call(sock, &json!({"cmd": "migration_status"}))
+            .map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+        if let Some(b) = &bar {
+            let p = &st["progress"];
+            b.set_length(p["round_pages_total"].as_u64().unwrap_or(0));
+            b.set_position(p["round_pages_sent"].as_u64().unwrap_or(0));
+            b.set_message(format!(
+                "{} round {}",
+                p["phase"].as_str().unwrap_or(""),
+                p["round"]
+            ));
+        }
+        if st["running"] == json!(false) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Some(err) = status["failure"].as_str() {
+        return Err(format!(
+            "migration failed, the guest keeps running on the source: {err}"
+        ));
+    }
+    let report = &status["report"];
+    print_report(report);
+    if args.json {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// A human summary of a report.
+pub fn print_report(r: &Value) {
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let b = &r["downtime_breakdown"];
+    let g = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "migrated ({}): total {:.1} ms, downtime {:.2} ms (last round {:.2}, state save {:.2}, transfer {:.2}, verify {:.2}, restore {:.2}, resume {:.2}), guest saw {:.2} ms",
+        r["mode"].as_str().unwrap_or("?"),
+        f("total_time_ms"),
+        f("downtime_ms"),
+        g("last_round_ms"),
+        g("state_save_ms"),
+        g("state_transfer_ms"),
+        g("verify_ms"),
+        g("restore_ms"),
+        g("resume_ms"),
+        f("guest_downtime_ms"),
+    );
+    for round in r["rounds"].as_array().into_iter().flatten() {
+        println!(
+            "  round {:>2}{}: {:>8} pages {:>11} bytes {:>8.1} ms, dirtied {:>7} ({:.0} pages/s)",
+            round["round"],
+            if round["paused"] == json!(true) {
+                " (paused)"
+            } else {
+                ""
+            },
+            round["pages"],
+            round["bytes"],
+            round["duration_ms"].as_f64().unwrap_or(0.0),
+            round["dirtied_pages"],
+            round["dirty_rate_pages_s"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!(
+        "  stop rule: {}; bytes raw {} wire {}; pages verified {} mismatched {}; guest self-check {}",
+        r["stop_rule"].as_str().unwrap_or("?"),
+        r["bytes_raw"],
+        r["bytes_wire"],
+        r["pages_verified"],
+        r["mismatched_pages"],
+        match r["guest_verified"].as_bool() {
+            Some(true) => "passed",
+            Some(false) => "FAILED",
+            None => "not requested",
+        }
+    );
+}
+
+/// Arguments of `vmm demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
+    /// The guest's workload.
+    #[arg(long, default_value = "wset=256M,rate=20000,read=20000,fill=50")]
+    workload: String,
+    /// Print the report as JSON on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Boots a guest in one process, migrates it live to a second over
+/// loopback TCP, and prints the report.
+pub fn demo(args: DemoArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("vmm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let secret = dir.join("secret");
+    std::fs::write(
+        &secret,
+        format!("demo-secret-{}-{:?}", std::process::id(), Instant::now()),
+    )
+    .map_err(|e| e.to_string())?;
+    let src_sock = dir.join("src.sock");
+    let port = free_port()?;
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let vcpus = args.vcpus.to_string();
+    eprintln!(
+        "booting the source: {} RAM, {} vCPUs, workload {}",
+        args.memory, args.vcpus, args.workload
+    );
+    let mut src = Command::new(&exe)
+        .args([
+            "run",
+            "--memory",
+            &args.memory,
+            "--vcpus",
+            &vcpus,
+            "--workload",
+            &args.workload,
+        ])
+        .args(["--status-ms", "0", "--api-socket"])
+        .arg(&src_sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut dst = Command::new(&exe)
+        .args(["receive", "--listen", &addr, "--secret"])
+        .arg(&secret)
+        .args(["--status-ms", "0", "--duration", "2"])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = (|| {
+        wait_running(&src_sock)?;
+        std::thread::sleep(Duration::from_millis(500));
+        migrate(MigrateArgs {
+            api_socket: src_sock.clone(),
+            to: addr.clone(),
+            secret: secret.clone(),
+            mode: "pre".into(),
+            max_downtime: None,
+            max_rounds: None,
+            max_bytes: None,
+            bandwidth: None,
+            compression: "auto".into(),
+            verify: true,
+            json: args.json,
+        })
+    })();
+    let dst_status = dst.wait().map_err(|e| e.to_string())?;
+    let _ = src.kill();
+    let _ = src.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    if !dst_status.success() {
+        return Err("the destination vmm failed after the migration".into());
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Waits until the guest behind `sock` runs its workload on every vCPU.
+pub fn wait_running(sock: &std::path::Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(st) = call(sock, &json!({"cmd": "state"})) {
+            let running = st["vcpus"].as_array().is_some_and(|v| {
+                v.iter()
+                    .all(|c| c["phase"] == json!(guest_images::abi::phase::RUNNING))
+            });
+            if running {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("the source guest did not start its workload".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,175 @@
+//! The VMM side of live migration: [`migration::SourceVm`] for a running
+//! [`Machine`], and [`migration::DestinationVm`] that builds one from the
+//! stream.
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use migration::endpoint::GuestView;
+use migration::{BoxError, DestinationVm, SourceVm};
+
+use crate::machine::{Machine, MachineState, RunOptions};
+use crate::vstate::memory::GuestRam;
+use crate::MachineConfig;
+
+impl SourceVm for Machine {
+    fn ram_size(&self) -> u64 {
+        self.vm().ram().size()
+    }
+
+    fn populated_ranges(&self) -> Result<Vec<(u64, u64)>, BoxError> {
+        Ok(self.vm().ram().populated_ranges()?)
+    }
+
+    fn read_ram(&self, offset: u64, buf: &mut [u8]) -> Result<(), BoxError> {
+        // pread on the memfd: no page of the mapping is faulted in for it.
+        Ok(self.vm().ram().memfd().read_exact_at(buf, offset)?)
+    }
+
+    fn start_dirty_log(&self) -> Result<(), BoxError> {
+        self.vm().set_dirty_logging(true)?;
+        self.vm().take_dirty_bitmap()?;
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), BoxError> {
+        Ok(self.vm().set_dirty_logging(false)?)
+    }
+
+    fn take_dirty_bitmap(&self) -> Result<Vec<u64>, BoxError> {
+        Ok(self.vm().take_dirty_bitmap()?)
+    }
+
+    fn pause(&self) {
+        Machine::pause(self);
+    }
+
+    fn resume(&self) {
+        Machine::resume(self);
+    }
+
+    fn config_blob(&self) -> Result<Vec<u8>, BoxError> {
+        Ok(serde_json::to_vec(self.config())?)
+    }
+
+    fn state_blob(&self) -> Result<Vec<u8>, BoxError> {
+        Ok(serde_json::to_vec(&self.save_state()?)?)
+    }
+}
+
+/// Builds the destination machine from the migration stream.
+#[derive(Debug)]
+pub struct Incoming {
+    opts: RunOptions,
+    config: Option<MachineConfig>,
+    ram: Option<GuestRam>,
+    machine: Option<Machine>,
+}
+
+impl Incoming {
+    /// A destination that will run its machine with `opts`.
+    pub fn new(opts: RunOptions) -> Self {
+        Self {
+            opts,
+            config: None,
+            ram: None,
+            machine: None,
+        }
+    }
+
+    fn ram(&self) -> Result<&GuestRam, BoxError> {
+        self.ram
+            .as_ref()
+            .or_else(|| self.machine.as_ref().map(|m| m.vm().ram()))
+            .ok_or_else(|| "no RAM yet: Config was not received".into())
+    }
+}
+
+impl DestinationVm for Incoming {
+    type Running = Machine;
+
+    fn prepare(&mut self, config: &[u8], ram_size: u64) -> Result<(), BoxError> {
+        let config: MachineConfig = serde_json::from_slice(config)?;
+        config.validate()?;
+        if config.mem_bytes != ram_size {
+            return Err(format!(
+                "RAM size {ram_size} differs from the config's {}",
+                config.mem_bytes
+            )
+            .into());
+        }
+        self.ram = Some(GuestRam::new(ram_size)?);
+        self.config = Some(config);
+        Ok(())
+    }
+
+    fn write_ram(&mut self, offset: u64, data: &[u8]) -> Result<(), BoxError> {
+        Ok(self.ram()?.memfd().write_all_at(data, offset)?)
+    }
+
+    fn read_ram(&self, offset: u64, buf: &mut [u8]) -> Result<(), BoxError> {
+        Ok(self.ram()?.memfd().read_exact_at(buf, offset)?)
+    }
+
+    fn populated_ranges(&self) -> Result<Vec<(u64, u64)>, BoxError> {
+        Ok(self.ram()?.populated_ranges()?)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), BoxError> {
+        let state: MachineState = serde_json::from_slice(state)?;
+        if Some(&state.config) != self.config.as_ref() {
+            return Err("the state's machine config differs from the announced one".into());
+        }
+        let ram = self.ram.take().ok_or("no RAM to restore into")?;
+        self.machine = Some(Machine::restore(&state, ram, &self.opts)?);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), BoxError> {
+        self.machine.as_ref().ok_or("nothing restored")?.resume();
+        Ok(())
+    }
+
+    fn after_resume(&mut self, verify: bool) -> Result<GuestView, BoxError> {
+        let m = self.machine.as_ref().ok_or("nothing restored")?;
+        let probe = &m.devices().probe;
+        // Every vCPU that heart-beat before must beat again.
+        probe.wait_until(Duration::from_secs(5), |_, hb| {
+            hb.iter()
+                .all(|h| h.last_ns.is_none() || !h.awaiting_first_after_restore)
+        });
+        let gap_ns = probe
+            .heartbeats()
+            .iter()
+            .filter_map(|h| h.restore_gap_ns)
+            .max()
+            .unwrap_or(0);
+        let mut view = GuestView {
+            guest_downtime_ms: gap_ns as f64 / 1e6,
+            ..Default::default()
+        };
+        if verify {
+            let r = m.request_verify(Duration::from_secs(120))?;
+            view.guest_verified = Some(r.ok);
+            view.detail = format!(
+                "guest checked {} pages: {} bad, {} FPU errors",
+                r.pages_ok + r.pages_bad,
+                r.pages_bad,
+                r.fpu_errors
+            );
+        }
+        Ok(view)
+    }
+
+    fn discard(&mut self) {
+        if let Some(m) = self.machine.take() {
+            m.pause();
+            m.shutdown();
+        }
+        self.ram = None;
+    }
+
+    fn into_running(mut self) -> Option<Machine> {
+        self.machine.take()
+    }
+}

@@ -188,6 +188,7 @@ fn build_parts(ram: GuestRam, vcpus: u8) -> Result<(Parts, DeviceWiring), Machin
 impl Machine {
     /// Creates and boots a machine: the guest starts running at once.
     pub fn boot(config: MachineConfig, opts: &RunOptions) -> Result<Self, MachineError> {
+        crate::vstate::memory::validate_ram_size(config.mem_bytes)?;
         config.validate()?;
         let elf = guest_elf(&config.guest)?;
         let ram = GuestRam::new(config.mem_bytes)?;

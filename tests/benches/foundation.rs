@@ -20,7 +20,12 @@ fn boot(vcpus: u8, mem: u64, workload: &str) -> Machine {
     };
     let m = Machine::boot(config, &RunOptions::default()).expect("boot");
     let t = Instant::now();
-    while !m.guest_status().unwrap().iter().all(|c| c.phase == phase::RUNNING) {
+    while !m
+        .guest_status()
+        .unwrap()
+        .iter()
+        .all(|c| c.phase == phase::RUNNING)
+    {
         assert!(t.elapsed() < Duration::from_secs(120), "guest never ran");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -37,7 +42,15 @@ fn start_to_first_heartbeat() {
     let runs: Vec<f64> = (0..5)
         .map(|_| {
             let out = std::process::Command::new(&bin)
-                .args(["run", "--memory", "256M", "--duration", "0", "--status-ms", "0"])
+                .args([
+                    "run",
+                    "--memory",
+                    "256M",
+                    "--duration",
+                    "0",
+                    "--status-ms",
+                    "0",
+                ])
                 .output()
                 .expect("vmm run");
             let err = String::from_utf8_lossy(&out.stderr);
@@ -48,7 +61,10 @@ fn start_to_first_heartbeat() {
                 .unwrap_or(f64::NAN)
         })
         .collect();
-    println!("start_to_first_heartbeat_ms      median {:8.1}  (runs: {runs:.1?})", median(runs.clone()));
+    println!(
+        "start_to_first_heartbeat_ms      median {:8.1}  (runs: {runs:.1?})",
+        median(runs.clone())
+    );
 }
 
 /// Pages written per second by one vCPU over `window`.
@@ -75,7 +91,10 @@ fn dirty_rates() {
     let on = dirty_rate(&m, Duration::from_secs(2), Some(Duration::from_millis(100)));
     m.vm().set_dirty_logging(false).unwrap();
     println!("guest_dirty_pages_per_s_log_off  {off:12.0}");
-    println!("guest_dirty_pages_per_s_log_on   {on:12.0}  (ratio on/off {:.2}; log read every 100 ms)", on / off);
+    println!(
+        "guest_dirty_pages_per_s_log_on   {on:12.0}  (ratio on/off {:.2}; log read every 100 ms)",
+        on / off
+    );
     m.shutdown();
 }
 
@@ -100,7 +119,10 @@ fn dirty_log_cost() {
     let per = |v: Vec<f64>| median(v) / gib as f64;
     let (io, tot) = (per(ioctl), per(total));
     println!("kvm_get_dirty_log_us_per_gib      {io:8.1}");
-    println!("dirty_bitmap_with_vmm_or_us_per_gib {tot:6.1}  (KVM ioctl share {:.0}%)", 100.0 * io / tot);
+    println!(
+        "dirty_bitmap_with_vmm_or_us_per_gib {tot:6.1}  (KVM ioctl share {:.0}%)",
+        100.0 * io / tot
+    );
     m.shutdown();
 }
 
@@ -137,7 +159,10 @@ fn state_save_restore() {
 
 fn main() {
     if !std::path::Path::new("/dev/kvm").exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "/dev/kvm missing on CI");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/kvm missing on CI"
+        );
         eprintln!("no /dev/kvm: nothing to measure");
         return;
     }

@@ -44,7 +44,9 @@ pub fn vmm_bin() -> PathBuf {
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for the vmm binary");
+        let status = cmd
+            .status()
+            .expect("running cargo build for the vmm binary");
         assert!(status.success(), "building the vmm binary failed");
         target_dir()
             .join(if release { "release" } else { "debug" })
@@ -95,7 +97,10 @@ impl VmmProcess {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while vmm::api::call(socket, &json!({"cmd": "state"})).is_err() {
-            assert!(Instant::now() < deadline, "vmm control socket never came up");
+            assert!(
+                Instant::now() < deadline,
+                "vmm control socket never came up"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         p
@@ -121,7 +126,10 @@ impl VmmProcess {
             if pred(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -129,9 +137,10 @@ impl VmmProcess {
     /// Waits until every vCPU has filled its working set and is running.
     pub fn wait_running(&self, timeout: Duration) -> Value {
         self.wait_for("every vCPU running", timeout, |s| {
-            s["vcpus"]
-                .as_array()
-                .is_some_and(|v| v.iter().all(|c| c["phase"] == json!(guest_images::abi::phase::RUNNING)))
+            s["vcpus"].as_array().is_some_and(|v| {
+                v.iter()
+                    .all(|c| c["phase"] == json!(guest_images::abi::phase::RUNNING))
+            })
         })
     }
 

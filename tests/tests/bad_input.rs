@@ -24,12 +24,18 @@ fn unknown_flag() {
 
 #[test]
 fn zero_memory() {
-    assert_fails_with(&["run", "--memory", "0", "--duration", "1"], "at least 64 MiB");
+    assert_fails_with(
+        &["run", "--memory", "0", "--duration", "1"],
+        "at least 64 MiB",
+    );
 }
 
 #[test]
 fn memory_larger_than_host() {
-    assert_fails_with(&["run", "--memory", "64T", "--duration", "1"], "more than this host");
+    assert_fails_with(
+        &["run", "--memory", "64T", "--duration", "1"],
+        "more than this host",
+    );
 }
 
 #[test]
@@ -44,9 +50,19 @@ fn garbage_elf() {
     }
     let dir = scratch("garbage-elf");
     let path = dir.join("garbage.elf");
-    std::fs::write(&path, b"\x7fELF this is not really an ELF file at all............").unwrap();
-    assert_fails_with(&["run", "--guest", path.to_str().unwrap(), "--duration", "1"], "ELF");
-    assert_fails_with(&["run", "--guest", "no-such-guest", "--duration", "1"], "Unknown guest");
+    std::fs::write(
+        &path,
+        b"\x7fELF this is not really an ELF file at all............",
+    )
+    .unwrap();
+    assert_fails_with(
+        &["run", "--guest", path.to_str().unwrap(), "--duration", "1"],
+        "ELF",
+    );
+    assert_fails_with(
+        &["run", "--guest", "no-such-guest", "--duration", "1"],
+        "Unknown guest",
+    );
 }
 
 /// A real snapshot, then damaged copies of it.
@@ -57,7 +73,10 @@ fn truncated_or_corrupt_state_file() {
     }
     let dir = scratch("bad-snapshot");
     let snap = dir.join("vm.snap");
-    let a = VmmProcess::start(&dir.join("a.sock"), &["--memory", "128M", "--workload", "wset=8M"]);
+    let a = VmmProcess::start(
+        &dir.join("a.sock"),
+        &["--memory", "128M", "--workload", "wset=8M"],
+    );
     a.wait_running(Duration::from_secs(60));
     a.call(json!({"cmd": "save", "path": snap}));
     a.quit();
@@ -65,7 +84,10 @@ fn truncated_or_corrupt_state_file() {
     let run = |bytes: &[u8], needle: &str| {
         let p = dir.join("damaged.snap");
         std::fs::write(&p, bytes).unwrap();
-        assert_fails_with(&["run", "--restore", p.to_str().unwrap(), "--duration", "1"], needle);
+        assert_fails_with(
+            &["run", "--restore", p.to_str().unwrap(), "--duration", "1"],
+            needle,
+        );
     };
     run(&good[..good.len() / 2], "truncated");
     run(&good[..20], "truncated");

@@ -25,10 +25,17 @@ fn wait_running(m: &Machine) -> Vec<VcpuStatus> {
         if s.iter().all(|c| c.phase == phase::RUNNING) {
             return s;
         }
-        assert!(m.stop_reason().is_none(), "machine stopped: {:?}", m.stop_reason());
+        assert!(
+            m.stop_reason().is_none(),
+            "machine stopped: {:?}",
+            m.stop_reason()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("guest never reached RUNNING: {:?}", m.guest_status().unwrap());
+    panic!(
+        "guest never reached RUNNING: {:?}",
+        m.guest_status().unwrap()
+    );
 }
 
 fn boots_and_every_vcpu_advances(vcpus: u8) {
@@ -37,17 +44,40 @@ fn boots_and_every_vcpu_advances(vcpus: u8) {
     }
     let m = boot(vcpus, 256 << 20, "wset=32M,rate=2000,read=2000");
     let before = wait_running(&m);
-    let hb_before: Vec<u64> = m.devices().probe.heartbeats().iter().map(|h| h.count).collect();
+    let hb_before: Vec<u64> = m
+        .devices()
+        .probe
+        .heartbeats()
+        .iter()
+        .map(|h| h.count)
+        .collect();
     std::thread::sleep(Duration::from_millis(600));
     let after = m.guest_status().unwrap();
     let hb_after = m.devices().probe.heartbeats();
     for i in 0..usize::from(vcpus) {
         let (b, a) = (&before[i], &after[i]);
-        assert!(hb_after[i].count > hb_before[i] + 100, "vCPU {i}: heartbeats did not advance");
-        assert_eq!(hb_after[i].discontinuities, 0, "vCPU {i}: heartbeat values skipped");
-        assert!(a.heartbeats > b.heartbeats, "vCPU {i}: guest heartbeat counter stuck");
-        assert!(a.ticks >= b.ticks + 20, "vCPU {i}: timer ticks {} -> {}", b.ticks, a.ticks);
-        assert!(a.pages_written > b.pages_written, "vCPU {i}: no pages written");
+        assert!(
+            hb_after[i].count > hb_before[i] + 100,
+            "vCPU {i}: heartbeats did not advance"
+        );
+        assert_eq!(
+            hb_after[i].discontinuities, 0,
+            "vCPU {i}: heartbeat values skipped"
+        );
+        assert!(
+            a.heartbeats > b.heartbeats,
+            "vCPU {i}: guest heartbeat counter stuck"
+        );
+        assert!(
+            a.ticks >= b.ticks + 20,
+            "vCPU {i}: timer ticks {} -> {}",
+            b.ticks,
+            a.ticks
+        );
+        assert!(
+            a.pages_written > b.pages_written,
+            "vCPU {i}: no pages written"
+        );
         assert!(a.pages_read > b.pages_read, "vCPU {i}: no pages read");
         assert!(a.fpu_checks > b.fpu_checks, "vCPU {i}: FPU not checked");
         assert_eq!(a.fpu_errors, 0, "vCPU {i}: FPU errors");
@@ -60,7 +90,11 @@ fn boots_and_every_vcpu_advances(vcpus: u8) {
     assert!(v.ok && v.pages_ok == total, "{v:?}");
     m.pause();
     let scan = m.scan_working_set().unwrap();
-    assert_eq!((scan.good, scan.corrupt, scan.stale), (total, 0, 0), "{scan:?}");
+    assert_eq!(
+        (scan.good, scan.corrupt, scan.stale),
+        (total, 0, 0),
+        "{scan:?}"
+    );
     m.shutdown();
 }
 
@@ -116,10 +150,16 @@ fn dirty_log_reports_every_page_the_guest_wrote() {
     for j in 0..wset_pages {
         if g0[j as usize] != g1[j as usize] {
             written += 1;
-            assert!(dirty(abi::wset_page_gpa(j)), "page {j} was written but is not in the dirty log");
+            assert!(
+                dirty(abi::wset_page_gpa(j)),
+                "page {j} was written but is not in the dirty log"
+            );
         }
     }
-    assert!(written > 500, "the guest wrote only {written} pages in 300 ms");
+    assert!(
+        written > 500,
+        "the guest wrote only {written} pages in 300 ms"
+    );
     // Every other dirty page must be one we can explain.
     let wset = abi::WSET_GPA..abi::wset_page_gpa(wset_pages);
     let gen_table = abi::GEN_TABLE_GPA..abi::GEN_TABLE_GPA + 4 * wset_pages;
@@ -140,7 +180,10 @@ fn dirty_log_reports_every_page_the_guest_wrote() {
             unexplained.push(gpa);
         }
     }
-    assert!(unexplained.is_empty(), "unexplained dirty pages: {unexplained:x?}");
+    assert!(
+        unexplained.is_empty(),
+        "unexplained dirty pages: {unexplained:x?}"
+    );
     m.vm().set_dirty_logging(false).unwrap();
     m.shutdown();
 }

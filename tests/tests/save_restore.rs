@@ -16,7 +16,14 @@ fn save_and_restore_across_processes(vcpus: u8) {
     let vcpus_s = vcpus.to_string();
     let a = VmmProcess::start(
         &dir.join("a.sock"),
-        &["--memory", "512M", "--vcpus", &vcpus_s, "--workload", "wset=64M,rate=5000,read=5000,fill=50"],
+        &[
+            "--memory",
+            "512M",
+            "--vcpus",
+            &vcpus_s,
+            "--workload",
+            "wset=64M,rate=5000,read=5000,fill=50",
+        ],
     );
     a.wait_running(Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
@@ -29,18 +36,28 @@ fn save_and_restore_across_processes(vcpus: u8) {
 
     let b = VmmProcess::start(&dir.join("b.sock"), &["--restore", snap.to_str().unwrap()]);
     // The timer keeps firing and heartbeats continue.
-    let after = b.wait_for("ticks and heartbeats after restore", Duration::from_secs(20), |s| {
-        per_vcpu(s, "ticks")
-            .iter()
-            .zip(per_vcpu(&before, "ticks"))
-            .all(|(a, b)| *a >= b + 20)
-            && heartbeat_field(s, "count")
+    let after = b.wait_for(
+        "ticks and heartbeats after restore",
+        Duration::from_secs(20),
+        |s| {
+            per_vcpu(s, "ticks")
                 .iter()
-                .zip(heartbeat_field(&before, "count"))
-                .all(|(a, b)| *a > b + 100)
-    });
-    for (i, d) in heartbeat_field(&after, "discontinuities").iter().enumerate() {
-        assert_eq!(*d, 0, "vCPU {i}: heartbeat counter did not continue from where it was");
+                .zip(per_vcpu(&before, "ticks"))
+                .all(|(a, b)| *a >= b + 20)
+                && heartbeat_field(s, "count")
+                    .iter()
+                    .zip(heartbeat_field(&before, "count"))
+                    .all(|(a, b)| *a > b + 100)
+        },
+    );
+    for (i, d) in heartbeat_field(&after, "discontinuities")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            *d, 0,
+            "vCPU {i}: heartbeat counter did not continue from where it was"
+        );
     }
     for (i, g) in heartbeat_field(&after, "restore_gap_ns").iter().enumerate() {
         assert!(*g > 0, "vCPU {i}: no gap measured across the restore");
@@ -51,7 +68,11 @@ fn save_and_restore_across_processes(vcpus: u8) {
     assert_eq!(v["pages_ok"], json!(64 * 256), "{v}");
     b.call(json!({"cmd": "pause"}));
     let scan = b.call(json!({"cmd": "scan"}));
-    assert_eq!((scan["corrupt"].as_u64(), scan["stale"].as_u64()), (Some(0), Some(0)), "{scan}");
+    assert_eq!(
+        (scan["corrupt"].as_u64(), scan["stale"].as_u64()),
+        (Some(0), Some(0)),
+        "{scan}"
+    );
     let (code, _, err) = b.quit();
     assert_eq!(code, 0, "restored vmm failed: {err}");
     let _ = std::fs::remove_dir_all(dir);

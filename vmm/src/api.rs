@@ -161,7 +161,7 @@ impl Controller {
         match req {
             Request::Pause => self.with(|m| m.pause()),
             Request::Resume => self.with(|m| m.resume()),
-            Request::State => return self.with(|m| state_json(m)),
+            Request::State => return self.with(state_json),
             Request::Save { path } => {
                 return self.with(|m| {
                     m.pause();

@@ -125,7 +125,7 @@ impl Probe {
 
     pub(crate) fn read(&self, _vcpu: usize, port: u16, data: &mut [u8]) {
         let k = usize::from((port - PROBE_BASE) / 4);
-        let v = if (port - PROBE_BASE) % 4 == 0 && k < param::COUNT as usize {
+        let v = if (port - PROBE_BASE).is_multiple_of(4) && k < param::COUNT as usize {
             self.params.get(k).copied().unwrap_or(0)
         } else {
             u32::MAX

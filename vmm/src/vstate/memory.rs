@@ -102,7 +102,7 @@ pub fn host_memory_bytes() -> u64 {
 
 /// Checks a requested RAM size before anything is allocated.
 pub fn validate_ram_size(size: u64) -> Result<(), MemoryError> {
-    if size < MIN_RAM || size % (1 << 20) != 0 {
+    if size < MIN_RAM || !size.is_multiple_of(1 << 20) {
         return Err(MemoryError::BadSize(size));
     }
     let host = host_memory_bytes();
@@ -280,7 +280,7 @@ impl GuestRam {
 
 /// ORs `n` bits of `src` into `dst` starting at bit `at`.
 pub fn or_bits_at(dst: &mut [u64], at: u64, src: &[u64], n: u64) {
-    if at % 64 == 0 {
+    if at.is_multiple_of(64) {
         let base = (at / 64) as usize;
         for (i, w) in src.iter().enumerate().take(n.div_ceil(64) as usize) {
             dst[base + i] |= w;

@@ -93,7 +93,7 @@ extern "C" fn handle_kick(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno()))
-        .map_err(|e| vmm_sys_util::errno::Error::new(e))
+        .map_err(vmm_sys_util::errno::Error::new)
 }
 
 /// The running vCPUs.

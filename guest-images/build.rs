@@ -165,22 +165,38 @@ const RING0_FORBIDDEN_PREFIXES: &[&str] = &["xsave", "xrstor"];
 /// Disassembles the ring-0 code and fails on an instruction the target
 /// host's CPL-0 emulator refuses. Skipped with a warning without objdump.
 fn check_ring0(objdump: &str, elf: &Path) {
-    let out = Command::new(objdump)
-        .args(["-d", "--no-show-raw-insn", "-j", ".ring0"])
-        .arg(elf)
-        .output();
+    let n32 = check_section(objdump, elf, ".ring0.32", Some("i386"));
+    let n64 = check_section(objdump, elf, ".ring0", None);
+    if let (Some(n32), Some(n64)) = (n32, n64) {
+        assert!(
+            n32 > 20 && n64 > 50,
+            "guest-images: ring-0 disassembly looks wrong ({n32} + {n64} instructions)"
+        );
+    }
+}
+
+/// Checks one section; returns how many instructions it saw.
+fn check_section(objdump: &str, elf: &Path, section: &str, machine: Option<&str>) -> Option<usize> {
+    let mut cmd = Command::new(objdump);
+    cmd.args(["-d", "--no-show-raw-insn", "-j", section]);
+    if let Some(m) = machine {
+        cmd.args(["-M", m]);
+    }
+    let out = cmd.arg(elf).output();
     let out = match out {
         Ok(o) if o.status.success() => o,
         _ => {
             println!("cargo:warning=guest-images: `{objdump}` unavailable: ring-0 instruction check skipped");
-            return;
+            return None;
         }
     };
     let text = String::from_utf8_lossy(&out.stdout);
     let mut count = 0;
     for line in text.lines() {
         // "  100000:\tmov    $0x1,%eax"
-        let Some((addr, insn)) = line.split_once(":\t") else { continue };
+        let Some((addr, insn)) = line.split_once(":\t") else {
+            continue;
+        };
         if addr.trim().is_empty() || !addr.trim().chars().all(|c| c.is_ascii_hexdigit()) {
             continue;
         }
@@ -193,13 +209,13 @@ fn check_ring0(objdump: &str, elf: &Path) {
                 .any(|f| w == *f || w.strip_suffix(['b', 'w', 'l', 'q']) == Some(*f))
                 || RING0_FORBIDDEN_PREFIXES.iter().any(|p| w.starts_with(p))
                 || w == "wait";
-            if bad {
+            if bad || w == "(bad)" {
                 panic!(
-                    "guest-images: ring-0 code contains `{w}`, which the target host's CPL-0 \
-                     emulator refuses:\n{line}"
+                    "guest-images: ring-0 code ({section}) contains `{w}`, which the target \
+                     host's CPL-0 emulator refuses (or objdump cannot decode):\n{line}"
                 );
             }
         }
     }
-    assert!(count > 50, "guest-images: ring-0 disassembly looks wrong ({count} instructions)");
+    Some(count)
 }

@@ -1,14 +1,16 @@
 /*
  * Ring 0 of the workload guest: PVH entry, page tables, GDT/IDT/TSS, LAPIC
- * timer, interrupt and exception handlers. Everything else runs in ring 3
- * (workload.c).
+ * timer, exception handlers, and the #GP handler that performs ring 3's
+ * port I/O where the host forces IOPL=0. Everything else runs in ring 3
+ * (workload.c, user.S). README.md describes the whole boot path.
  *
  * On the target host (nested PVM) every instruction executed at CPL 0 is
  * emulated, one at a time (~2.4 us each), so this file is deliberately
- * short, loop-free except for the page-table fill, and restricted to
- * instructions the emulator handles. It must never contain cmpxchg16b,
- * xsave/xrstor (any variant), int3, clac, popcnt, fwait or ldmxcsr:
- * build.rs disassembles the linked .ring0 section and fails if it does.
+ * short: the only loops are the page-table fill for RAM above 4 GiB (2 MiB
+ * pages only) and the APs' wait for the BSP's tables. It must never
+ * contain cmpxchg16b, xsave/xrstor (any variant), int3, clac, popcnt,
+ * fwait or ldmxcsr: build.rs disassembles the linked ring-0 sections
+ * (.ring0.32 as 32-bit code, .ring0 as 64-bit code) and fails if it does.
  *
  * The descriptor tables are static data: handler and TSS addresses are
  * emitted as 16-bit offsets from the image base (0x100000), which link.ld
@@ -81,7 +83,7 @@
 /* ===================================================================== */
 /* Ring-0 code                                                            */
 /* ===================================================================== */
-        .section .ring0.text, "ax", @progbits
+        .section .ring0.text32, "ax", @progbits   /* 32-bit code: link.ld */
 
 /*
  * PVH entry: 32-bit protected mode, paging off, flat segments, IF=0,
@@ -209,6 +211,7 @@ park:   cli
         hlt
         jmp     park
 
+        .section .ring0.text, "ax", @progbits     /* 64-bit code */
         .code64
 long_mode:
         mov     $KERNEL_DS, %eax
@@ -387,6 +390,7 @@ exc_common:
 __ring0_text_end:
 
 #ifdef QEMU_SMP_TEST
+        .section .ring0.text32, "ax", @progbits
 /*
  * TEST ONLY (never in the shipped image): QEMU starts APs only by INIT/SIPI,
  * while our VMM starts every vCPU at pvh_entry32. To exercise the multi-vCPU

@@ -230,6 +230,9 @@ pub fn migrate<V: SourceVm>(
             Ok(report)
         }
         Err(e) => {
+            // A destination that gives up says why in an Abort frame before
+            // closing; our writes may have failed on the closed socket first.
+            let e = peer_reason(sender.stream()).unwrap_or(e);
             // Tell the destination (if it still listens), then give the guest
             // back its vCPUs: its memory and state were never changed.
             let _ = sender.send(Kind::Abort, e.to_string().as_bytes());
@@ -241,6 +244,24 @@ pub fn migrate<V: SourceVm>(
             Err(e)
         }
     }
+}
+
+/// An `Abort` the destination sent, if one is waiting on the socket.
+fn peer_reason(stream: &TcpStream) -> Option<MigrationError> {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut r = stream;
+    // Skip anything else the destination may have queued.
+    for _ in 0..4 {
+        match protocol::read_frame(&mut r) {
+            Ok(f) if f.kind == Kind::Abort => {
+                let reason = String::from_utf8_lossy(&f.payload).into_owned();
+                return Some(ProtocolError::PeerAborted(reason).into());
+            }
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 fn run<V: SourceVm>(

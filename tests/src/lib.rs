@@ -182,3 +182,249 @@ pub fn heartbeat_field(state: &Value, field: &str) -> Vec<u64> {
         .map(|v| v.iter().map(|c| c[field].as_u64().unwrap_or(0)).collect())
         .unwrap_or_default()
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Writes a secret file and returns its path.
+pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, secret).expect("secret file");
+    p
+}
+
+/// Collects a child's stderr lines on a thread.
+fn collect_lines(
+    stream: impl Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            l.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// A `vmm receive` process.
+pub struct Receiver {
+    child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// `tcp:HOST:PORT` it listens on.
+    pub addr: String,
+    /// Its control socket once the guest runs there.
+    pub socket: PathBuf,
+}
+
+impl Receiver {
+    /// Starts `vmm receive` on `listen` (`HOST:PORT`), optionally inside a
+    /// network namespace, and waits until it listens.
+    pub fn start(dir: &Path, listen: &str, secret: &Path, netns: Option<&str>) -> Self {
+        let socket = dir.join(format!("dst-{}.sock", listen.replace([':', '.'], "_")));
+        let addr = format!("tcp:{listen}");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(vmm_bin());
+                c
+            }
+            None => Command::new(vmm_bin()),
+        };
+        let mut child = cmd
+            .args(["receive", "--listen", &addr, "--status-ms", "0", "--secret"])
+            .arg(secret)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning vmm receive");
+        let stderr = collect_lines(child.stderr.take().expect("stderr"));
+        let r = Self {
+            child,
+            stderr,
+            addr,
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !r.stderr_text().contains("waiting for a migration") {
+            assert!(
+                Instant::now() < deadline,
+                "receiver never listened: {}",
+                r.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        r
+    }
+
+    /// Everything it printed on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for it to exit on its own (within `timeout`); returns its code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50)); // let stderr drain
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a request to its control socket (after a successful migration).
+    pub fn call(&self, req: Value) -> Value {
+        let resp = vmm::api::call(&self.socket, &req).expect("destination control socket");
+        assert_eq!(resp["ok"], json!(true), "request {req} failed: {resp}");
+        resp
+    }
+
+    /// Waits until its control socket answers.
+    pub fn wait_socket(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while vmm::api::call(&self.socket, &json!({"cmd": "state"})).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "destination never came up: {}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = vmm::api::call(&self.socket, &json!({"cmd": "quit"}));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `vmm migrate --json ARGS`; returns (success, report or null, stderr).
+pub fn migrate(
+    src_socket: &Path,
+    to: &str,
+    secret: &Path,
+    extra: &[&str],
+) -> (bool, Value, String) {
+    let out = Command::new(vmm_bin())
+        .args(["migrate", "--json", "--api-socket"])
+        .arg(src_socket)
+        .args(["--to", to, "--secret"])
+        .arg(secret)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running vmm migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    (
+        out.status.success(),
+        report,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a [`Proxy`] does to the stream from source to destination.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Closes both connections after forwarding this many bytes.
+    CutAfter(u64),
+    /// Flips one bit of the byte at this offset.
+    FlipAt(u64),
+}
+
+/// A TCP proxy on loopback that injects one fault into the first
+/// connection it carries.
+pub struct Proxy {
+    /// `tcp:127.0.0.1:PORT` to give the source.
+    pub addr: String,
+}
+
+impl Proxy {
+    /// Forwards to `target` (`HOST:PORT`) with `fault`.
+    pub fn start(target: &str, fault: Fault) -> Self {
+        use std::io::Write;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let addr = format!("tcp:{}", listener.local_addr().unwrap());
+        let target = target.to_string();
+        std::thread::spawn(move || {
+            let Ok((src, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(dst) = TcpStream::connect(&target) else {
+                return;
+            };
+            // destination -> source: plain copy
+            let (mut d2, mut s2) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut d2, &mut s2);
+                let _ = s2.shutdown(Shutdown::Write);
+            });
+            // source -> destination: with the fault
+            let (mut s, mut d) = (src, dst);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut pos = 0u64;
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &mut buf[..n];
+                match fault {
+                    Fault::CutAfter(at) if pos + n as u64 >= at => {
+                        let keep = (at - pos) as usize;
+                        let _ = d.write_all(&chunk[..keep]);
+                        let _ = s.shutdown(Shutdown::Both);
+                        let _ = d.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    Fault::FlipAt(at) if (pos..pos + n as u64).contains(&at) => {
+                        chunk[(at - pos) as usize] ^= 0x04;
+                    }
+                    _ => {}
+                }
+                if d.write_all(chunk).is_err() {
+                    break;
+                }
+                pos += n as u64;
+            }
+            let _ = d.shutdown(Shutdown::Write);
+        });
+        Self { addr }
+    }
+}
+
+/// Parses a `--memory` value.
+pub fn parse_mem(s: &str) -> u64 {
+    vmm::config::parse_size(s).expect("memory size")
+}

@@ -45,7 +45,7 @@ pub enum MachineError {
     },
     #[error("{0} failed")]
     Io(&'static str, #[source] std::io::Error),
-    #[error("The state was saved for {saved} vCPUs but holds {found}")]
+    #[error("The state does not match the prepared machine ({saved} vCPUs configured, state holds {found})")]
     StateMismatch { saved: usize, found: usize },
     #[error("Serial state cannot be restored: {0}")]
     Serial(String),
@@ -108,6 +108,74 @@ pub struct PageScan {
 pub struct RunOptions {
     /// Echo the guest console to stderr.
     pub echo_console: bool,
+}
+
+/// A machine whose KVM objects exist but hold no state yet: what a
+/// migration destination builds *before* the switch-over, so that creating
+/// the VM, its irqchip and its vCPUs is not part of the downtime.
+pub struct PreparedMachine {
+    config: MachineConfig,
+    parts: Parts,
+    wiring: DeviceWiring,
+}
+
+impl std::fmt::Debug for PreparedMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedMachine")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl PreparedMachine {
+    /// Creates the VM and vCPUs for `config` on `ram`.
+    pub fn new(config: &MachineConfig, ram: GuestRam) -> Result<Self, MachineError> {
+        config.validate()?;
+        let (parts, wiring) = build_parts(ram, config.vcpus)?;
+        Ok(Self {
+            config: config.clone(),
+            parts,
+            wiring,
+        })
+    }
+
+    /// Guest RAM (for filling it before the restore).
+    pub fn ram(&self) -> &GuestRam {
+        self.parts.vm.ram()
+    }
+
+    /// Loads `state` into KVM and the devices; the vCPUs stay paused.
+    ///
+    /// Order: the VM-level state (PIT, clock, PIC/IOAPIC) first, then each
+    /// vCPU (see `vstate::vcpu` for the order inside a vCPU), then devices.
+    pub fn restore(self, state: &MachineState, opts: &RunOptions) -> Result<Machine, MachineError> {
+        if state.config != self.config || state.vcpus.len() != usize::from(self.config.vcpus) {
+            return Err(MachineError::StateMismatch {
+                saved: self.config.vcpus.into(),
+                found: state.vcpus.len(),
+            });
+        }
+        let Self {
+            parts: p, wiring, ..
+        } = self;
+        p.vm.restore_state(&state.vm)?;
+        for (v, s) in p.vcpus.iter().zip(&state.vcpus) {
+            let skipped = v.restore_state(s)?;
+            if !skipped.is_empty() {
+                tracing::info!(
+                    "vCPU {}: KVM refused MSRs {:x?} on restore",
+                    v.index(),
+                    skipped
+                );
+            }
+        }
+        let console = ConsoleSink::new(opts.echo_console);
+        let serial = serial::restore(&state.devices.serial, wiring.serial_irq, console.clone())
+            .map_err(|e| MachineError::Serial(format!("{e:?}")))?;
+        let probe = Probe::from_state(state.devices.probe.clone());
+        let devices = Arc::new(Devices::new(serial, wiring.reset, probe));
+        Machine::start(state.config.clone(), p, devices, console, true)
+    }
 }
 
 /// A running (or paused) machine.
@@ -245,39 +313,12 @@ impl Machine {
 
     /// Rebuilds a machine from `state` on RAM that already holds the guest's
     /// memory. The vCPUs stay paused until [`Machine::resume`].
-    ///
-    /// Order: the VM-level state (PIT, clock, PIC/IOAPIC) first, then each
-    /// vCPU (see `vstate::vcpu` for the order inside a vCPU), then devices.
     pub fn restore(
         state: &MachineState,
         ram: GuestRam,
         opts: &RunOptions,
     ) -> Result<Self, MachineError> {
-        state.config.validate()?;
-        if state.vcpus.len() != usize::from(state.config.vcpus) {
-            return Err(MachineError::StateMismatch {
-                saved: state.config.vcpus.into(),
-                found: state.vcpus.len(),
-            });
-        }
-        let (p, wiring) = build_parts(ram, state.config.vcpus)?;
-        p.vm.restore_state(&state.vm)?;
-        for (v, s) in p.vcpus.iter().zip(&state.vcpus) {
-            let skipped = v.restore_state(s)?;
-            if !skipped.is_empty() {
-                tracing::info!(
-                    "vCPU {}: KVM refused MSRs {:x?} on restore",
-                    v.index(),
-                    skipped
-                );
-            }
-        }
-        let console = ConsoleSink::new(opts.echo_console);
-        let serial = serial::restore(&state.devices.serial, wiring.serial_irq, console.clone())
-            .map_err(|e| MachineError::Serial(format!("{e:?}")))?;
-        let probe = Probe::from_state(state.devices.probe.clone());
-        let devices = Arc::new(Devices::new(serial, wiring.reset, probe));
-        Self::start(state.config.clone(), p, devices, console, true)
+        PreparedMachine::new(&state.config, ram)?.restore(state, opts)
     }
 
     /// The machine's configuration.

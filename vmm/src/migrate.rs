@@ -8,7 +8,7 @@ use std::time::Duration;
 use migration::endpoint::GuestView;
 use migration::{BoxError, DestinationVm, SourceVm};
 
-use crate::machine::{Machine, MachineState, RunOptions};
+use crate::machine::{Machine, MachineState, PreparedMachine, RunOptions};
 use crate::vstate::memory::GuestRam;
 use crate::MachineConfig;
 
@@ -61,8 +61,7 @@ impl SourceVm for Machine {
 #[derive(Debug)]
 pub struct Incoming {
     opts: RunOptions,
-    config: Option<MachineConfig>,
-    ram: Option<GuestRam>,
+    prepared: Option<PreparedMachine>,
     machine: Option<Machine>,
 }
 
@@ -71,15 +70,15 @@ impl Incoming {
     pub fn new(opts: RunOptions) -> Self {
         Self {
             opts,
-            config: None,
-            ram: None,
+            prepared: None,
             machine: None,
         }
     }
 
     fn ram(&self) -> Result<&GuestRam, BoxError> {
-        self.ram
+        self.prepared
             .as_ref()
+            .map(PreparedMachine::ram)
             .or_else(|| self.machine.as_ref().map(|m| m.vm().ram()))
             .ok_or_else(|| "no RAM yet: Config was not received".into())
     }
@@ -98,8 +97,9 @@ impl DestinationVm for Incoming {
             )
             .into());
         }
-        self.ram = Some(GuestRam::new(ram_size)?);
-        self.config = Some(config);
+        // The VM and vCPUs are created now, while the source still runs,
+        // not at the switch-over.
+        self.prepared = Some(PreparedMachine::new(&config, GuestRam::new(ram_size)?)?);
         Ok(())
     }
 
@@ -117,11 +117,11 @@ impl DestinationVm for Incoming {
 
     fn restore(&mut self, state: &[u8]) -> Result<(), BoxError> {
         let state: MachineState = serde_json::from_slice(state)?;
-        if Some(&state.config) != self.config.as_ref() {
-            return Err("the state's machine config differs from the announced one".into());
-        }
-        let ram = self.ram.take().ok_or("no RAM to restore into")?;
-        self.machine = Some(Machine::restore(&state, ram, &self.opts)?);
+        let prepared = self
+            .prepared
+            .take()
+            .ok_or("nothing prepared to restore into")?;
+        self.machine = Some(prepared.restore(&state, &self.opts)?);
         Ok(())
     }
 
@@ -166,7 +166,7 @@ impl DestinationVm for Incoming {
             m.pause();
             m.shutdown();
         }
-        self.ram = None;
+        self.prepared = None;
     }
 
     fn into_running(mut self) -> Option<Machine> {

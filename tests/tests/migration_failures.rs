@@ -1,0 +1,184 @@
+//! A migration that fails before the switch-over leaves the source running
+//! exactly as before, and says clearly why: destination killed during a
+//! round, connection cut, wrong secret, a corrupted frame.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tests::{
+    free_port, heartbeat_field, migrate, per_vcpu, require_kvm, scratch, secret_file, Fault, Proxy,
+    Receiver, VmmProcess,
+};
+
+const WORKLOAD: &str = "wset=64M,rate=5000,fill=100";
+
+fn source(dir: &std::path::Path) -> VmmProcess {
+    let src = VmmProcess::start(
+        &dir.join("src.sock"),
+        &["--memory", "256M", "--workload", WORKLOAD],
+    );
+    src.wait_running(Duration::from_secs(60));
+    src
+}
+
+/// The source guest runs on, unpaused, with all its memory and FPU intact.
+fn assert_source_unharmed(src: &VmmProcess) {
+    let s0 = src.state();
+    assert_eq!(s0["paused"], json!(false), "source left paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let s1 = src.state();
+    assert!(
+        heartbeat_field(&s1, "count")[0] > heartbeat_field(&s0, "count")[0] + 50,
+        "source guest stopped"
+    );
+    assert!(
+        per_vcpu(&s1, "ticks")[0] > per_vcpu(&s0, "ticks")[0],
+        "source timer stopped"
+    );
+    assert!(
+        per_vcpu(&s1, "pages_written")[0] > per_vcpu(&s0, "pages_written")[0],
+        "workload stopped"
+    );
+    assert_eq!(heartbeat_field(&s1, "discontinuities")[0], 0);
+    let v = src.call(json!({"cmd": "verify"}));
+    assert_eq!(
+        (v["pages_bad"].as_u64(), v["fpu_errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    // And it can still migrate afterwards.
+    let st = src.call(json!({"cmd": "migration_status"}));
+    assert_eq!(st["running"], json!(false));
+}
+
+#[test]
+fn wrong_secret_is_refused_on_both_sides() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("wrong-secret");
+    let src = source(&dir);
+    let good = secret_file(&dir, "good", "the destination's secret 123");
+    let bad = secret_file(&dir, "bad", "somebody else's secret 4567");
+    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &good, None);
+    let (ok, _, err) = migrate(&dir.join("src.sock"), &dst.addr, &bad, &[]);
+    assert!(!ok);
+    assert!(err.contains("Authentication failed"), "source error: {err}");
+    assert_ne!(
+        dst.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "destination accepted a wrong secret"
+    );
+    assert!(
+        dst.stderr_text().contains("Authentication failed"),
+        "destination: {}",
+        dst.stderr_text()
+    );
+    // A missing or short secret is refused before anything is sent.
+    let short = secret_file(&dir, "short", "tiny");
+    let (ok, _, err) = migrate(&dir.join("src.sock"), &dst.addr, &short, &[]);
+    assert!(!ok && err.contains("at least 16"), "{err}");
+    assert_source_unharmed(&src);
+    src.quit();
+}
+
+#[test]
+fn destination_killed_during_a_round() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("dst-killed");
+    let src = source(&dir);
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let sock = dir.join("src.sock");
+    let addr = dst.addr.clone();
+    let s2 = secret.clone();
+    // 64 MiB at 100 Mbit/s: round 0 takes about 5 s.
+    let t = std::thread::spawn(move || {
+        migrate(
+            &sock,
+            &addr,
+            &s2,
+            &["--bandwidth", "100Mbit", "--compression", "none"],
+        )
+    });
+    src.wait_for("round 0 under way", Duration::from_secs(10), |_| {
+        dst.stderr_text().contains("incoming migration")
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    dst.kill();
+    let (ok, _, err) = t.join().unwrap();
+    assert!(!ok, "migration to a dead destination succeeded");
+    assert!(
+        err.contains("migration failed") && err.contains("keeps running"),
+        "{err}"
+    );
+    assert_source_unharmed(&src);
+    src.quit();
+}
+
+#[test]
+fn connection_cut_mid_stream() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("cut");
+    let src = source(&dir);
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut dst = Receiver::start(&dir, &listen, &secret, None);
+    let proxy = Proxy::start(&listen, Fault::CutAfter(8 << 20));
+    let (ok, _, err) = migrate(
+        &dir.join("src.sock"),
+        &proxy.addr,
+        &secret,
+        &["--compression", "none"],
+    );
+    assert!(!ok, "migration over a cut connection succeeded");
+    assert!(
+        err.contains("Connection") || err.contains("closed"),
+        "{err}"
+    );
+    assert_ne!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        dst.stderr_text().contains("incoming migration failed"),
+        "{}",
+        dst.stderr_text()
+    );
+    assert_source_unharmed(&src);
+    src.quit();
+}
+
+#[test]
+fn corrupted_frame_is_detected() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("corrupt");
+    let src = source(&dir);
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut dst = Receiver::start(&dir, &listen, &secret, None);
+    // One bit flipped 3 MB into the stream, inside some page's data.
+    let proxy = Proxy::start(&listen, Fault::FlipAt(3 << 20));
+    let (ok, _, err) = migrate(
+        &dir.join("src.sock"),
+        &proxy.addr,
+        &secret,
+        &["--compression", "none"],
+    );
+    assert!(!ok, "a corrupted stream was accepted");
+    assert!(
+        err.contains("CRC mismatch"),
+        "source should report the destination's reason: {err}"
+    );
+    assert_ne!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        dst.stderr_text().contains("CRC mismatch"),
+        "{}",
+        dst.stderr_text()
+    );
+    assert_source_unharmed(&src);
+    src.quit();
+}

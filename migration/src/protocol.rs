@@ -207,6 +207,14 @@ pub fn write_frame_parts(
 
 /// Reads and checks one frame (magic, kind, length bound, CRC).
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
+    Ok(Frame { kind, payload })
+}
+
+/// Like [`read_frame`], but reads the payload into `payload`, reusing its
+/// allocation (the bulk path: one buffer for every page batch).
+pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     if let Err(e) = r.read_exact(&mut header) {
         return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -229,18 +237,18 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
         return Err(ProtocolError::TooLong(len));
     }
     let kind = Kind::from_u8(kind_raw).ok_or(ProtocolError::UnknownKind(kind_raw))?;
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).map_err(|e| {
+    payload.resize(len as usize, 0);
+    r.read_exact(payload).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             ProtocolError::Closed
         } else {
             ProtocolError::Io(e)
         }
     })?;
-    if crc(kind_raw, &payload) != sum {
+    if crc(kind_raw, payload) != sum {
         return Err(ProtocolError::BadCrc { kind: kind_raw });
     }
-    Ok(Frame { kind, payload })
+    Ok(kind)
 }
 
 /// A little cursor for decoding payloads without panicking on short input.

@@ -313,8 +313,17 @@ impl Controller {
 pub fn state_json(m: &Machine) -> Result<Value, String> {
     let status = m.guest_status().map_err(|e| error_chain(&e))?;
     let hb = m.devices().probe.heartbeats();
+    let populated: u64 = m
+        .vm()
+        .ram()
+        .populated_ranges()
+        .map_err(|e| error_chain(&e))?
+        .iter()
+        .map(|r| r.1)
+        .sum();
     Ok(json!({
         "paused": m.is_paused(),
+        "ram_populated_bytes": populated,
         "uptime_ms": m.uptime().as_millis() as u64,
         "config": m.config(),
         "vcpus": status,

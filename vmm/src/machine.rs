@@ -469,7 +469,10 @@ impl Machine {
     }
 
     /// Checks every working-set page from outside the guest against the page
-    /// pattern and the guest's generation table. Exact only while paused.
+    /// pattern and the guest's generation table. Meaningful only while
+    /// paused; even then a vCPU stopped in the middle of rewriting a page
+    /// leaves that one page with its magic cleared (`not_pattern`) or one
+    /// generation ahead of the table (`stale`): at most one per vCPU.
     pub fn scan_working_set(&self) -> Result<PageScan, MachineError> {
         let ram = self.vm.ram();
         let pages = self.config.workload.wset_mib * 256;

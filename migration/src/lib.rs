@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod codec;
 pub mod endpoint;
+pub mod model;
 pub mod precopy;
 pub mod protocol;
 pub mod rate_limit;

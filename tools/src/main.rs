@@ -12,6 +12,7 @@
 //! ```
 
 mod migrate;
+mod model;
 mod run;
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Boot a guest and migrate it live to a second process on loopback.
     Demo(migrate::DemoArgs),
+    /// Predict Tm and Td with seed 001's analytical model.
+    Model(model::ModelArgs),
     /// List the embedded guests.
     Guests,
 }
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Receive(args) => migrate::receive(args),
         Command::Migrate(args) => migrate::migrate(args),
         Command::Demo(args) => migrate::demo(args),
+        Command::Model(args) => model::model(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Guests => {
             for g in guest_images::GUESTS {

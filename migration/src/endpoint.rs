@@ -53,6 +53,18 @@ pub trait DestinationVm {
     fn after_resume(&mut self, verify: bool) -> Result<GuestView, BoxError>;
     /// Stops a machine that must not run (a failed verification).
     fn discard(&mut self);
+    /// Post-copy: `(ram_offset, host_address, len)` of every guest RAM
+    /// mapping, to register with userfaultfd.
+    fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError>;
+    /// Post-copy: drops received pages `[offset, offset + len)` that the
+    /// source re-dirtied, so that they fault and are fetched again.
+    fn punch_hole(&mut self, offset: u64, len: u64) -> Result<(), BoxError>;
+    /// Post-copy lost its source: stops the vCPUs (as far as they can be
+    /// stopped while waiting for missing pages); returns whether all stopped.
+    fn pause_guest(&mut self) -> bool;
+    /// Longest heartbeat gap since `after_resume` returned (ms): the guest's
+    /// worst stall on missing pages.
+    fn longest_stall_ms(&self) -> f64;
     /// Hands over the running machine.
     fn into_running(self) -> Option<Self::Running>;
 }

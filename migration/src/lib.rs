@@ -16,6 +16,7 @@ pub mod auth;
 pub mod codec;
 pub mod endpoint;
 pub mod model;
+pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
 pub mod rate_limit;
@@ -24,8 +25,9 @@ pub mod report;
 pub mod source;
 pub mod stop_and_copy;
 pub mod transport;
+pub mod uffd;
 pub mod verify;
 
 pub use endpoint::{BoxError, DestinationVm, SourceVm};
 pub use report::Report;
-pub use source::{migrate, MigrationError, Options, Progress};
+pub use source::{migrate, MigrationError, Mode, Options, Progress};

@@ -30,6 +30,8 @@ pub struct PrecopyOutcome {
     pub dirty: Vec<u64>,
     pub stop_rule: &'static str,
     pub bytes_raw: u64,
+    /// Hybrid: the pages pre-copy was responsible for (the V1 share).
+    pub share: Option<Vec<u64>>,
 }
 
 /// Runs of set bits in `bitmap`, as `(first_page, count)`.
@@ -102,10 +104,34 @@ pub fn send_round<V: SourceVm>(
     })
 }
 
-/// Runs pre-copy rounds until a stop rule fires.
+/// The first `budget` bytes of `ranges` (page runs), and their bitmap.
+fn take_share(ranges: &[(u64, u64)], budget: u64, words: usize) -> (Vec<(u64, u64)>, Vec<u64>) {
+    let mut left = budget.div_ceil(PAGE as u64);
+    let mut out = Vec::new();
+    let mut mask = vec![0u64; words];
+    for &(f, n) in ranges {
+        if left == 0 {
+            break;
+        }
+        let k = n.min(left);
+        out.push((f, k));
+        for p in f..f + k {
+            mask[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        left -= k;
+    }
+    (out, mask)
+}
+
+/// Runs pre-copy rounds until a stop rule fires. With `share` (hybrid),
+/// only that many bytes of memory are pre-copied, rounds re-send only pages
+/// of that share, and the stop rule is the model's threshold l instead of
+/// the downtime estimate (the dirty rest is post-copied, not sent while
+/// the guest is stopped).
 pub fn run_rounds<V: SourceVm>(
     s: &mut PageSender<'_, V>,
     opts: &Options,
+    share: Option<u64>,
 ) -> Result<PrecopyOutcome, MigrationError> {
     s.vm.start_dirty_log()
         .map_err(vm_err("start dirty logging"))?;
@@ -115,28 +141,42 @@ pub fn run_rounds<V: SourceVm>(
             .into_iter()
             .map(|(off, len)| (off / PAGE as u64, len.div_ceil(PAGE as u64)))
             .collect();
+    let words = (s.vm.ram_size() / PAGE as u64).div_ceil(64) as usize;
+    let (mut page_runs, mask) = match share {
+        Some(bytes) => {
+            let (r, m) = take_share(&populated, bytes, words);
+            (r, Some(m))
+        }
+        None => (populated, None),
+    };
     let mut rounds = Vec::new();
-    let mut page_runs = populated;
     let mut bandwidth = f64::INFINITY;
     for round in 0.. {
         let mut r = send_round(s, round, &page_runs, false)?;
-        let dirty =
+        let mut dirty =
             s.vm.take_dirty_bitmap()
                 .map_err(vm_err("read the dirty log"))?;
-        let dirtied = count(&dirty);
+        // Only the share's pages are pre-copy's business.
+        let relevant: Vec<u64> = match &mask {
+            Some(m) => dirty.iter().zip(m).map(|(d, m)| d & m).collect(),
+            None => dirty.clone(),
+        };
+        let dirtied = count(&relevant);
         let secs = r.duration_ms / 1e3;
         if r.bytes > 0 && secs > 0.0 {
             bandwidth = r.bytes as f64 / secs;
         }
-        r.dirtied_pages = dirtied;
-        r.dirty_rate_pages_s = dirtied as f64 / secs.max(1e-9);
+        r.dirtied_pages = count(&dirty);
+        r.dirty_rate_pages_s = r.dirtied_pages as f64 / secs.max(1e-9);
         r.estimated_downtime_ms = dirtied as f64 * PAGE as f64 / bandwidth * 1e3;
         let est_ms = r.estimated_downtime_ms;
         rounds.push(r);
         let sent = s.out.bytes;
         let rule = if dirtied == 0 {
             Some("converged")
-        } else if est_ms <= opts.max_downtime.as_secs_f64() * 1e3 {
+        } else if mask.is_some() && dirtied * PAGE as u64 <= opts.threshold {
+            Some("threshold")
+        } else if mask.is_none() && est_ms <= opts.max_downtime.as_secs_f64() * 1e3 {
             Some("downtime")
         } else if round + 1 >= opts.max_rounds {
             Some("max_rounds")
@@ -147,14 +187,18 @@ pub fn run_rounds<V: SourceVm>(
         };
         if let Some(stop_rule) = rule {
             tracing::info!("pre-copy stops after round {round}: {stop_rule}");
+            if mask.is_some() {
+                dirty = relevant;
+            }
             return Ok(PrecopyOutcome {
                 rounds,
                 dirty,
                 stop_rule,
                 bytes_raw: s.enc.stats.bytes_raw,
+                share: mask,
             });
         }
-        page_runs = runs(&dirty).collect();
+        page_runs = runs(&relevant).collect();
     }
     unreachable!("the round loop only ends by returning")
 }

@@ -7,7 +7,9 @@
 //!    │◀──────────── Challenge {version, nonce_d, mac_d} ─│  mac_d = HMAC(secret, "dst"‖nonce_s‖nonce_d)
 //!    │── Proof {mac_s} ─────────────────────────────────▶│  mac_s = HMAC(secret, "src"‖nonce_d‖nonce_s)
 //!    │◀────────────────────────────────────── Accepted ──│  (nothing else is accepted before this)
-//!    │── Config {machine config, RAM size} ─────────────▶│  destination creates empty RAM
+//!    │── Config {machine config, RAM size, post-copy?} ─▶│  destination creates RAM, VM, vCPUs
+//!    │   (post-copy/hybrid: second connection, same handshake, FaultChannel)
+//!    │◀───────────────────────────────────────── Ready ──│
 //!    │── Pages … Pages ─ RoundEnd {0} ──────────────────▶│  round 0: all populated memory
 //!    │── Pages … Pages ─ RoundEnd {1} ──────────────────▶│  round i: pages dirtied during round i-1
 //!    │        …  until a stop rule fires                 │
@@ -19,6 +21,14 @@
 //!    │◀────────────────── Resumed {timings, verification} │
 //!    │  [source exits]                                   │
 //! ```
+//!
+//! Post-copy and hybrid replace the last round: after `State` (and
+//! `Checksums`) comes `PostcopyBegin {pages still needed}`, then `Complete`;
+//! the destination resumes with those pages missing and answers `Resumed`.
+//! Then, on the main connection the source pushes `Pages … PostcopyDone`,
+//! while on the fault connection the destination sends `PageRequest {page}`
+//! and the source answers each with a one-page `Pages`. When every needed
+//! page is present the destination sends `PostcopyComplete {statistics}`.
 //! Either side may send `Abort {reason}` at any point; a source that has not
 //! received `Resumed` then resumes its guest, which has lost nothing.
 //!
@@ -95,6 +105,12 @@ pub enum Kind {
     Complete = 10,
     Resumed = 11,
     Abort = 12,
+    FaultChannel = 13,
+    PageRequest = 14,
+    PostcopyBegin = 15,
+    PostcopyDone = 16,
+    PostcopyComplete = 17,
+    Ready = 18,
 }
 
 impl Kind {
@@ -113,6 +129,12 @@ impl Kind {
             10 => Complete,
             11 => Resumed,
             12 => Abort,
+            13 => FaultChannel,
+            14 => PageRequest,
+            15 => PostcopyBegin,
+            16 => PostcopyDone,
+            17 => PostcopyComplete,
+            18 => Ready,
             _ => return None,
         })
     }
@@ -133,6 +155,12 @@ impl Kind {
             Complete => "Complete",
             Resumed => "Resumed",
             Abort => "Abort",
+            FaultChannel => "FaultChannel",
+            PageRequest => "PageRequest",
+            PostcopyBegin => "PostcopyBegin",
+            PostcopyDone => "PostcopyDone",
+            PostcopyComplete => "PostcopyComplete",
+            Ready => "Ready",
         }
     }
 }
@@ -330,20 +358,60 @@ pub fn decode_round_end(p: &[u8]) -> Result<u32, ProtocolError> {
     Ok(r)
 }
 
-/// `Config` payload: RAM size, then the machine configuration (JSON, opaque
-/// to this crate).
-pub fn encode_config(ram_size: u64, config: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + config.len());
+/// `Config` payload: RAM size, whether a post-copy phase follows (then a
+/// second, fault connection comes), and the machine configuration (JSON,
+/// opaque to this crate).
+pub fn encode_config(ram_size: u64, postcopy: bool, config: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + config.len());
     v.extend_from_slice(&ram_size.to_le_bytes());
+    v.push(u8::from(postcopy));
     v.extend_from_slice(config);
     v
 }
 
 /// Decodes a `Config` payload.
-pub fn decode_config(p: &[u8]) -> Result<(u64, &[u8]), ProtocolError> {
+pub fn decode_config(p: &[u8]) -> Result<(u64, bool, &[u8]), ProtocolError> {
     let mut c = Cursor::new(p, "Config");
     let size = c.u64()?;
-    Ok((size, c.take(c.remaining())?))
+    let postcopy = match c.u8()? {
+        0 => false,
+        1 => true,
+        x => return Err(malformed("Config", format!("post-copy flag {x}"))),
+    };
+    Ok((size, postcopy, c.take(c.remaining())?))
+}
+
+/// A list of page runs `(first, count)`: count (u32), then pairs of u64.
+pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + 16 * runs.len());
+    v.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for (f, n) in runs {
+        v.extend_from_slice(&f.to_le_bytes());
+        v.extend_from_slice(&n.to_le_bytes());
+    }
+    v
+}
+
+/// Decodes page runs, each checked to lie below `ram_pages`.
+pub fn decode_runs(p: &[u8], ram_pages: u64) -> Result<Vec<(u64, u64)>, ProtocolError> {
+    let mut c = Cursor::new(p, "page runs");
+    let n = c.u32()? as usize;
+    if n > c.remaining() / 16 {
+        return Err(malformed(
+            "page runs",
+            format!("{n} runs in {} bytes", c.remaining()),
+        ));
+    }
+    let mut runs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (f, k) = (c.u64()?, c.u64()?);
+        if f.checked_add(k).is_none_or(|end| end > ram_pages) {
+            return Err(malformed("page runs", format!("{f}+{k} beyond RAM")));
+        }
+        runs.push((f, k));
+    }
+    c.finish()?;
+    Ok(runs)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The destination: authenticate, build empty RAM, take pages round after
-//! round, restore the machine state, (verify,) resume, and confirm.
+//! round, restore the machine state, (verify,) resume, and confirm; in
+//! post-copy, then serve the guest's faults until every page is present.
 //!
 //! Every frame is checked before use (see `protocol`); page numbers are
 //! bounded by the RAM size announced in `Config`, and the sequence is
@@ -7,16 +8,18 @@
 //! pages only before `State`, `Complete` only after `State`.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
 use crate::auth::{self, Secret};
 use crate::codec::{decode_batch, PageData, PAGE};
 use crate::endpoint::DestinationVm;
+use crate::postcopy::{PostcopyDestination, PostcopyStats};
 use crate::protocol::{self, malformed, read_frame, write_frame, Kind, ProtocolError};
 use crate::report::{now_ns, ResumedInfo};
 use crate::source::{vm_err, MigrationError};
-use crate::verify;
+use crate::stop_and_copy::PostcopyReport;
+use crate::{transport, verify};
 
 /// What the destination saw.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -25,22 +28,36 @@ pub struct Received {
     pub pages: u64,
     pub bytes_wire: u64,
     pub resumed: ResumedInfo,
+    pub postcopy: Option<PostcopyStats>,
 }
 
-/// Runs the destination side on an accepted connection. On error the
-/// machine being built is discarded and the source is told why.
+/// Accepts a migration on `listener` (one main connection, plus a fault
+/// connection when the source announces post-copy) and runs the destination
+/// side. On error the machine being built is discarded (or, if post-copy lost
+/// its source, paused) and the source is told why.
 pub fn receive<D: DestinationVm>(
-    stream: TcpStream,
+    listener: &TcpListener,
     secret: &Secret,
     dst: &mut D,
 ) -> Result<Received, MigrationError> {
+    let (stream, peer) = transport::accept(listener)?;
+    tracing::info!("incoming migration from {peer}");
     let mut reader =
         BufReader::with_capacity(1 << 20, stream.try_clone().map_err(ProtocolError::Io)?);
     let mut writer = BufWriter::new(stream);
     auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut writer), secret)?;
-    let result = run(&mut reader, &mut writer, dst);
+    let mut session = Session {
+        listener,
+        secret,
+        reader: &mut reader,
+        writer: &mut writer,
+        out: Received::default(),
+    };
+    let result = session.run(dst);
     if let Err(e) = &result {
-        dst.discard();
+        if !matches!(e, MigrationError::MissingPages { .. }) {
+            dst.discard();
+        }
         let reason = match e {
             MigrationError::Mismatch(n) => format!("verification failed: {n} pages differ"),
             MigrationError::GuestVerification(d) => format!("guest verification failed: {d}"),
@@ -70,91 +87,258 @@ impl<R, W: Write> Write for ReadWrite<'_, R, W> {
     }
 }
 
-fn run<D: DestinationVm>(
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut BufWriter<TcpStream>,
-    dst: &mut D,
-) -> Result<Received, MigrationError> {
-    let config = read_frame(reader)?.expect(Kind::Config)?;
-    let (ram_size, cfg) = protocol::decode_config(&config)?;
-    if ram_size == 0 || ram_size % PAGE as u64 != 0 {
-        return Err(malformed("Config", format!("RAM size {ram_size}")).into());
-    }
-    dst.prepare(cfg, ram_size).map_err(vm_err("prepare RAM"))?;
-    let ram_pages = ram_size / PAGE as u64;
-    // Pages written so far: a zero page for one of them must overwrite it;
-    // for any other it is already zero (fresh memfd).
-    let mut written = vec![0u64; ram_pages.div_ceil(64) as usize];
-    let mut out = Received::default();
-    let zero = vec![0u8; PAGE];
-    let mut state_seen = false;
-    let mut checksums: Option<Vec<Option<u32>>> = None;
-    let mut info = ResumedInfo::default();
-    let mut payload = Vec::new();
-    let mut run = PageRun::default();
-    loop {
-        let kind = protocol::read_frame_into(reader, &mut payload)?;
-        out.bytes_wire += (payload.len() + protocol::HEADER_LEN) as u64;
-        match kind {
-            Kind::Pages if !state_seen => {
-                decode_batch::<MigrationError>(&payload, ram_pages, |page, data| {
-                    let bit = (page / 64) as usize;
-                    let mask = 1u64 << (page % 64);
-                    let bytes = match data {
-                        PageData::Zero if written[bit] & mask == 0 => return Ok(()),
-                        PageData::Zero => &zero[..],
-                        PageData::Bytes(b) => b,
+struct Session<'a> {
+    listener: &'a TcpListener,
+    secret: &'a Secret,
+    reader: &'a mut BufReader<TcpStream>,
+    writer: &'a mut BufWriter<TcpStream>,
+    out: Received,
+}
+
+/// Accepts and authenticates the fault connection.
+fn accept_fault_channel(
+    listener: &TcpListener,
+    secret: &Secret,
+) -> Result<TcpStream, MigrationError> {
+    let (mut s, _) = transport::accept(listener)?;
+    auth::authenticate_as_destination(&mut s, secret)?;
+    read_frame(&mut s)?.expect(Kind::FaultChannel)?;
+    Ok(s)
+}
+
+impl Session<'_> {
+    fn run<D: DestinationVm>(&mut self, dst: &mut D) -> Result<Received, MigrationError> {
+        let config = read_frame(self.reader)?.expect(Kind::Config)?;
+        let (ram_size, postcopy, cfg) = protocol::decode_config(&config)?;
+        if ram_size == 0 || ram_size % PAGE as u64 != 0 {
+            return Err(malformed("Config", format!("RAM size {ram_size}")).into());
+        }
+        let mut fault_conn = if postcopy {
+            Some(accept_fault_channel(self.listener, self.secret)?)
+        } else {
+            None
+        };
+        dst.prepare(cfg, ram_size).map_err(vm_err("prepare RAM"))?;
+        write_frame(self.writer, Kind::Ready, &[])?;
+        self.writer.flush().map_err(ProtocolError::Io)?;
+        let ram_pages = ram_size / PAGE as u64;
+        // Pages written so far: a zero page for one of them must overwrite it;
+        // for any other it is already zero (fresh memfd).
+        let mut written = vec![0u64; ram_pages.div_ceil(64) as usize];
+        let zero = vec![0u8; PAGE];
+        let mut state_seen = false;
+        let mut checksums: Option<Vec<Option<u32>>> = None;
+        let mut info = ResumedInfo::default();
+        let mut payload = Vec::new();
+        let mut run = PageRun::default();
+        let mut pc: Option<PostcopyDestination> = None;
+        loop {
+            let kind = protocol::read_frame_into(self.reader, &mut payload)?;
+            self.out.bytes_wire += (payload.len() + protocol::HEADER_LEN) as u64;
+            match kind {
+                Kind::Pages if !state_seen => {
+                    decode_batch::<MigrationError>(&payload, ram_pages, |page, data| {
+                        let bit = (page / 64) as usize;
+                        let mask = 1u64 << (page % 64);
+                        let bytes = match data {
+                            PageData::Zero if written[bit] & mask == 0 => return Ok(()),
+                            PageData::Zero => &zero[..],
+                            PageData::Bytes(b) => b,
+                        };
+                        written[bit] |= mask;
+                        self.out.pages += 1;
+                        run.push(dst, page, bytes)
+                    })?;
+                    run.flush(dst)?;
+                }
+                Kind::RoundEnd if !state_seen => {
+                    protocol::decode_round_end(&payload)?;
+                    self.out.rounds += 1;
+                }
+                Kind::State if !state_seen => {
+                    info.state_received_at_ns = now_ns();
+                    let t = Instant::now();
+                    dst.restore(&payload)
+                        .map_err(vm_err("restore machine state"))?;
+                    info.restore_ms = t.elapsed().as_secs_f64() * 1e3;
+                    state_seen = true;
+                }
+                Kind::Checksums if state_seen && pc.is_none() => {
+                    let c = checksums.get_or_insert_with(|| vec![None; ram_pages as usize]);
+                    verify::decode_into(&payload, c)?;
+                }
+                Kind::PostcopyBegin if state_seen && pc.is_none() => {
+                    let conn = fault_conn
+                        .take()
+                        .ok_or_else(|| malformed("PostcopyBegin", "not a post-copy migration"))?;
+                    let needed = protocol::decode_runs(&payload, ram_pages)?;
+                    let expected = checksums.take();
+                    pc = Some(PostcopyDestination::start(
+                        dst,
+                        &needed,
+                        &written,
+                        ram_pages,
+                        conn,
+                        expected.clone(),
+                    )?);
+                    checksums = expected.map(|e| {
+                        // Pages still to come are checked as they arrive.
+                        let sh = &pc.as_ref().expect("just set").shared;
+                        e.into_iter()
+                            .enumerate()
+                            .map(|(p, c)| {
+                                if sh.is_needed(p as u64) {
+                                    Some(u32::MAX)
+                                } else {
+                                    c
+                                }
+                            })
+                            .collect()
+                    });
+                }
+                Kind::Complete if state_seen => {
+                    return match pc.take() {
+                        None => self.complete_precopy(dst, ram_size, checksums.take(), info),
+                        Some(pc) => {
+                            self.complete_postcopy(dst, ram_size, checksums.take(), info, pc)
+                        }
                     };
-                    written[bit] |= mask;
-                    out.pages += 1;
-                    run.push(dst, page, bytes)
-                })?;
-                run.flush(dst)?;
-            }
-            Kind::RoundEnd if !state_seen => {
-                protocol::decode_round_end(&payload)?;
-                out.rounds += 1;
-            }
-            Kind::State if !state_seen => {
-                info.state_received_at_ns = now_ns();
-                let t = Instant::now();
-                dst.restore(&payload)
-                    .map_err(vm_err("restore machine state"))?;
-                info.restore_ms = t.elapsed().as_secs_f64() * 1e3;
-                state_seen = true;
-            }
-            Kind::Checksums if state_seen => {
-                let c = checksums.get_or_insert_with(|| vec![None; ram_pages as usize]);
-                verify::decode_into(&payload, c)?;
-            }
-            Kind::Complete if state_seen => {
-                // The source asks for verification by sending checksums.
-                let verify = checksums.is_some();
-                if let Some(expected) = checksums.take() {
-                    verify_pages(dst, ram_size, &expected, &mut info)?;
                 }
-                finish(writer, dst, &mut info, verify)?;
-                out.resumed = info;
-                return Ok(out);
-            }
-            Kind::Abort => {
-                return Err(ProtocolError::PeerAborted(
-                    String::from_utf8_lossy(&payload).into_owned(),
-                )
-                .into())
-            }
-            k => {
-                return Err(ProtocolError::Unexpected {
-                    got: k.name(),
-                    expected: if state_seen {
-                        "Checksums or Complete"
-                    } else {
-                        "Pages, RoundEnd or State"
-                    },
+                Kind::Abort => {
+                    return Err(ProtocolError::PeerAborted(
+                        String::from_utf8_lossy(&payload).into_owned(),
+                    )
+                    .into())
                 }
-                .into())
+                k => {
+                    return Err(ProtocolError::Unexpected {
+                        got: k.name(),
+                        expected: if state_seen {
+                            "Checksums, PostcopyBegin or Complete"
+                        } else {
+                            "Pages, RoundEnd or State"
+                        },
+                    }
+                    .into())
+                }
             }
         }
+    }
+
+    /// Pre-copy's end: every page is here; verify, resume, confirm.
+    fn complete_precopy<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        ram_size: u64,
+        checksums: Option<Vec<Option<u32>>>,
+        mut info: ResumedInfo,
+    ) -> Result<Received, MigrationError> {
+        let verify = checksums.is_some();
+        if let Some(expected) = checksums {
+            verify_pages(dst, ram_size, &expected, &mut info)?;
+        }
+        resume(dst, &mut info, verify)?;
+        self.send_resumed(&info)?;
+        self.out.resumed = info;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// Post-copy: resume with pages missing, take the push, wait for the last
+    /// page, report.
+    fn complete_postcopy<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        ram_size: u64,
+        checksums: Option<Vec<Option<u32>>>,
+        mut info: ResumedInfo,
+        mut pc: PostcopyDestination,
+    ) -> Result<Received, MigrationError> {
+        let verify = checksums.is_some();
+        if let Some(expected) = &checksums {
+            // The pages already here; `u32::MAX` marks those still to come.
+            verify_pages(dst, ram_size, expected, &mut info)?;
+        }
+        resume(dst, &mut info, false)?;
+        let resumed_at = Instant::now();
+        self.send_resumed(&info)?;
+        let ram_pages = ram_size / PAGE as u64;
+        let mut payload = Vec::new();
+        loop {
+            let kind = match protocol::read_frame_into(self.reader, &mut payload) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!("post-copy lost its source: {e}");
+                    return Err(self.source_lost(dst, pc));
+                }
+            };
+            match kind {
+                Kind::Pages => pc.pushed(&payload, ram_pages)?,
+                Kind::PostcopyDone => break,
+                Kind::Abort => return Err(self.source_lost(dst, pc)),
+                k => {
+                    return Err(ProtocolError::Unexpected {
+                        got: k.name(),
+                        expected: "Pages or PostcopyDone",
+                    }
+                    .into())
+                }
+            }
+        }
+        let stats = match pc.finish(resumed_at, dst.longest_stall_ms()) {
+            Ok(s) => s,
+            Err(e) => {
+                dst.pause_guest();
+                return Err(e);
+            }
+        };
+        let (pages_verified, mismatched_pages) = stats.verified;
+        let guest = if verify {
+            dst.after_resume(true)
+                .map_err(vm_err("observe the guest"))?
+        } else {
+            info.guest.clone()
+        };
+        let report = PostcopyReport {
+            postcopy: stats.stats.clone(),
+            pages_verified,
+            mismatched_pages,
+            guest,
+        };
+        let payload = serde_json::to_vec(&report).expect("report serializes");
+        write_frame(self.writer, Kind::PostcopyComplete, &payload)?;
+        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.out.resumed = info;
+        self.out.postcopy = Some(stats.stats);
+        if mismatched_pages > 0 {
+            return Err(MigrationError::Mismatch(mismatched_pages));
+        }
+        if report.guest.guest_verified == Some(false) {
+            return Err(MigrationError::GuestVerification(report.guest.detail));
+        }
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// The source vanished after the switch-over: pause the guest and name
+    /// the pages that never arrived.
+    fn source_lost<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        pc: PostcopyDestination,
+    ) -> MigrationError {
+        let paused = dst.pause_guest();
+        let (count, first) = pc.abandon();
+        tracing::error!(
+            "guest {}paused; {count} pages missing",
+            if paused { "" } else { "could not be fully " }
+        );
+        MigrationError::MissingPages { count, first }
+    }
+
+    fn send_resumed(&mut self, info: &ResumedInfo) -> Result<(), MigrationError> {
+        let payload = serde_json::to_vec(info).expect("ResumedInfo serializes");
+        write_frame(self.writer, Kind::Resumed, &payload)?;
+        self.writer.flush().map_err(ProtocolError::Io)?;
+        Ok(())
     }
 }
 
@@ -192,7 +376,8 @@ impl PageRun {
     }
 }
 
-/// Compares every page's CRC with the source's.
+/// Compares every page's CRC with the source's; `Some(u32::MAX)` entries
+/// are pages still to come in post-copy (checked on arrival instead).
 fn verify_pages<D: DestinationVm>(
     dst: &mut D,
     ram_size: u64,
@@ -206,8 +391,10 @@ fn verify_pages<D: DestinationVm>(
     let got = verify::page_crcs(ram_size, &populated, |off, buf| dst.read_ram(off, buf))
         .map_err(vm_err("checksum memory"))?;
     let mut mismatched = 0u64;
+    let mut checked = 0u64;
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
         match e {
+            Some(u32::MAX) => continue,
             Some(e) if e == g => {}
             _ => {
                 if mismatched < 8 {
@@ -216,9 +403,10 @@ fn verify_pages<D: DestinationVm>(
                 mismatched += 1;
             }
         }
+        checked += 1;
     }
     info.verify_ms = t.elapsed().as_secs_f64() * 1e3;
-    info.pages_verified = got.len() as u64;
+    info.pages_verified = checked;
     info.mismatched_pages = mismatched;
     if mismatched > 0 {
         return Err(MigrationError::Mismatch(mismatched));
@@ -226,9 +414,8 @@ fn verify_pages<D: DestinationVm>(
     Ok(())
 }
 
-/// Resumes the guest and confirms to the source.
-fn finish<D: DestinationVm>(
-    writer: &mut BufWriter<TcpStream>,
+/// Resumes the guest and looks at it.
+fn resume<D: DestinationVm>(
     dst: &mut D,
     info: &mut ResumedInfo,
     verify: bool,
@@ -243,8 +430,5 @@ fn finish<D: DestinationVm>(
     if info.guest.guest_verified == Some(false) {
         return Err(MigrationError::GuestVerification(info.guest.detail.clone()));
     }
-    let payload = serde_json::to_vec(&info).expect("ResumedInfo serializes");
-    write_frame(writer, Kind::Resumed, &payload)?;
-    writer.flush().map_err(ProtocolError::Io)?;
     Ok(())
 }

@@ -68,7 +68,8 @@ pub struct Report {
     pub guest_downtime_ms: f64,
     pub rounds: Vec<Round>,
     /// Which rule ended pre-copy: `converged` (nothing dirty), `downtime`
-    /// (estimate within the limit), `max_rounds`, or `max_bytes`.
+    /// (estimate within the limit), `threshold` (hybrid: a round dirtied at
+    /// most l), `max_rounds`, `max_bytes`, or `none` (pure post-copy).
     pub stop_rule: String,
     pub bytes_raw: u64,
     pub bytes_wire: u64,
@@ -78,6 +79,11 @@ pub struct Report {
     pub guest_verified: Option<bool>,
     pub guest_detail: String,
     pub limits: Limits,
+    /// Post-copy and hybrid: demand faults, their latency, pushed vs pulled,
+    /// when the last page arrived, the guest's longest stall.
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    /// Model prediction beside the measurement (auto and experiments).
+    pub prediction: Option<serde_json::Value>,
 }
 
 /// What the destination tells the source in `Resumed`.

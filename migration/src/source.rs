@@ -37,6 +37,21 @@ pub enum MigrationError {
     Mismatch(u64),
     #[error("The guest's own verification failed on the destination: {0}")]
     GuestVerification(String),
+    #[error("Post-copy lost its source: {count} pages never arrived (first: {first:?}); the guest is paused")]
+    MissingPages { count: u64, first: Vec<u64> },
+}
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Dirty-log rounds, then stop-and-copy of what is left.
+    #[default]
+    Pre,
+    /// Switch over at once; every page follows on demand or by push.
+    Post,
+    /// Pre-copy `precopy_bytes` of memory in rounds (until a round dirties
+    /// at most the threshold), switch over, post-copy the rest.
+    Hybrid { precopy_bytes: u64 },
 }
 
 /// Wraps a VMM error with what was being done.
@@ -58,6 +73,10 @@ pub struct Options {
     pub compression: Compression,
     /// Checksum every page on both sides and have the guest check itself.
     pub verify: bool,
+    pub mode: Mode,
+    /// Hybrid: pre-copy stops once a round dirtied at most this many bytes
+    /// (the model's l).
+    pub threshold: u64,
 }
 
 impl Default for Options {
@@ -69,6 +88,8 @@ impl Default for Options {
             bandwidth: None,
             compression: Compression::Auto,
             verify: false,
+            mode: Mode::Pre,
+            threshold: 8 << 20,
         }
     }
 }
@@ -214,9 +235,42 @@ pub fn migrate<V: SourceVm>(
     });
     let mut stream = transport::connect(addr)?;
     auth::authenticate_as_source(&mut stream, secret)?;
+    // Config first: it tells the destination whether a fault connection follows.
+    let config = vm.config_blob().map_err(vm_err("read config"))?;
+    let postcopy = opts.mode != Mode::Pre;
+    write_frame(
+        &mut stream,
+        Kind::Config,
+        &protocol::encode_config(vm.ram_size(), postcopy, &config),
+    )?;
+    stream.flush().map_err(ProtocolError::Io)?;
+    // Post-copy's demand requests get a connection of their own, so that a
+    // faulting vCPU never waits behind bulk pages.
+    let fault_conn = if opts.mode == Mode::Pre {
+        None
+    } else {
+        let mut f = transport::connect(addr)?;
+        auth::authenticate_as_source(&mut f, secret)?;
+        write_frame(&mut f, Kind::FaultChannel, &[])?;
+        f.set_read_timeout(None).map_err(ProtocolError::Io)?;
+        Some(f)
+    };
+    // The destination built its VM: nothing of that lands in the downtime.
+    protocol::read_frame(&mut stream)?.expect(Kind::Ready)?;
+    let shared = crate::postcopy::SourceShared::default();
+    let ram_pages = vm.ram_size() / PAGE as u64;
     let mut sender = PageSender::new(vm, stream, opts, progress);
     let mut paused = false;
-    let result = run(&mut sender, opts, &mut paused);
+    let result = std::thread::scope(|scope| {
+        if let Some(f) = fault_conn {
+            let shared = &shared;
+            scope.spawn(move || crate::postcopy::serve_faults(vm, f, shared, ram_pages));
+        }
+        let r = run(&mut sender, opts, &mut paused, &shared);
+        // Closing our side ends the destination's reply thread and our server.
+        let _ = sender.stream().shutdown(std::net::Shutdown::Both);
+        r
+    });
     match result {
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -268,12 +322,17 @@ fn run<V: SourceVm>(
     s: &mut PageSender<'_, V>,
     opts: &Options,
     paused: &mut bool,
+    shared: &crate::postcopy::SourceShared,
 ) -> Result<Report, MigrationError> {
-    let config = s.vm.config_blob().map_err(vm_err("read config"))?;
-    s.send(
-        Kind::Config,
-        &protocol::encode_config(s.vm.ram_size(), &config),
-    )?;
-    let pre = precopy::run_rounds(s, opts)?;
-    stop_and_copy::switch_over(s, opts, pre, paused)
+    match opts.mode {
+        Mode::Pre => {
+            let pre = precopy::run_rounds(s, opts, None)?;
+            stop_and_copy::switch_over(s, opts, pre, paused)
+        }
+        Mode::Post => stop_and_copy::switch_over_postcopy(s, opts, None, paused, shared),
+        Mode::Hybrid { precopy_bytes } => {
+            let pre = precopy::run_rounds(s, opts, Some(precopy_bytes))?;
+            stop_and_copy::switch_over_postcopy(s, opts, Some(pre), paused, shared)
+        }
+    }
 }

@@ -12,7 +12,9 @@
 
 use std::time::Instant;
 
+use crate::codec::PAGE;
 use crate::endpoint::SourceVm;
+use crate::postcopy::{push, PostcopyStats, SourceShared};
 use crate::precopy::{runs, send_round, PrecopyOutcome};
 use crate::protocol::{read_frame, Kind, ProtocolError};
 use crate::report::{now_ns, DowntimeBreakdown, Report, ResumedInfo};
@@ -99,6 +101,149 @@ pub fn switch_over<V: SourceVm>(
     };
     report.mode = "pre".into();
     Ok(report)
+}
+
+/// Switch-over to post-copy (pure, or after hybrid pre-copy rounds):
+/// pause, send the state and the list of pages the destination still needs
+/// (for the hybrid: the share's pages dirtied since they were sent — they
+/// are *not* re-sent while the guest is stopped), resume the destination,
+/// then push the needed pages while the destination pulls what it faults on.
+pub fn switch_over_postcopy<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    opts: &Options,
+    pre: Option<PrecopyOutcome>,
+    paused: &mut bool,
+    shared: &SourceShared,
+) -> Result<Report, MigrationError> {
+    let paused_at_ns = now_ns();
+    s.vm.pause();
+    *paused = true;
+    let words = (s.vm.ram_size() / PAGE as u64).div_ceil(64) as usize;
+    // Pages the destination holds in their final version.
+    let mut clean = vec![0u64; words];
+    if let Some(p) = &pre {
+        let more =
+            s.vm.take_dirty_bitmap()
+                .map_err(vm_err("read the dirty log"))?;
+        if let Some(share) = &p.share {
+            for i in 0..words {
+                clean[i] = share[i] & !(p.dirty[i] | more[i]);
+            }
+        }
+    }
+    let mut needed = vec![0u64; words];
+    for (off, len) in
+        s.vm.populated_ranges()
+            .map_err(vm_err("find populated memory"))?
+    {
+        let first = off / PAGE as u64;
+        for p in first..first + len.div_ceil(PAGE as u64) {
+            needed[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    for (n, c) in needed.iter_mut().zip(&clean) {
+        *n &= !c;
+    }
+    set_progress(&s.progress, |p| p.phase = "state".into());
+    let t = Instant::now();
+    let state = s.vm.state_blob().map_err(vm_err("save machine state"))?;
+    let state_save_ms = t.elapsed().as_secs_f64() * 1e3;
+    let state_sent_at = now_ns();
+    s.send(Kind::State, &state)?;
+    s.flush()?;
+    if opts.verify {
+        send_checksums(s)?;
+    }
+    let needed_runs: Vec<_> = runs(&needed).collect();
+    s.send(
+        Kind::PostcopyBegin,
+        &crate::protocol::encode_runs(&needed_runs),
+    )?;
+    s.send(Kind::Complete, &[])?;
+    s.flush()?;
+    set_progress(&s.progress, |p| {
+        p.phase = "waiting for the destination".into()
+    });
+    let info = read_resumed(s.stream())?;
+
+    let push_started = Instant::now();
+    let wire_before_push = s.out.bytes;
+    let pushed = push(s, &needed, shared)?;
+    s.send(Kind::PostcopyDone, &[])?;
+    s.flush()?;
+    set_progress(&s.progress, |p| {
+        p.phase = "waiting for the last pages".into()
+    });
+    let mut r = s.stream();
+    let done = read_frame(&mut r)?.expect(Kind::PostcopyComplete)?;
+    let stats: PostcopyReport =
+        serde_json::from_slice(&done).map_err(|e| ProtocolError::Malformed {
+            what: "PostcopyComplete",
+            detail: e.to_string(),
+        })?;
+    tracing::info!(
+        "post-copy: {pushed} pages pushed in {:.1} ms",
+        push_started.elapsed().as_secs_f64() * 1e3
+    );
+    let (mode, mut rounds, stop_rule) = match pre {
+        Some(p) => ("hybrid", p.rounds, p.stop_rule),
+        None => ("post", Vec::new(), "none"),
+    };
+    rounds.iter_mut().for_each(|r| r.paused = false);
+    let _ = wire_before_push;
+    Ok(Report {
+        mode: mode.into(),
+        downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
+        downtime_breakdown: DowntimeBreakdown {
+            last_round_ms: 0.0,
+            state_save_ms,
+            state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
+            verify_ms: info.verify_ms,
+            restore_ms: info.restore_ms,
+            resume_ms: info.resume_ms,
+        },
+        guest_downtime_ms: info.guest.guest_downtime_ms,
+        rounds,
+        stop_rule: stop_rule.into(),
+        bytes_raw: s.enc.stats.bytes_raw + stats.postcopy.pages_pulled * PAGE as u64,
+        bytes_wire: s.out.bytes + stats.postcopy.bytes_pulled,
+        pages_verified: info.pages_verified + stats.pages_verified,
+        mismatched_pages: info.mismatched_pages + stats.mismatched_pages,
+        guest_verified: stats.guest.guest_verified,
+        guest_detail: stats.guest.detail.clone(),
+        postcopy: Some(stats.postcopy),
+        ..Default::default()
+    })
+}
+
+/// CRC of every page of the final memory (`--verify`).
+fn send_checksums<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<f64, MigrationError> {
+    let t = Instant::now();
+    let populated =
+        s.vm.populated_ranges()
+            .map_err(vm_err("find populated memory"))?;
+    let crcs = verify::page_crcs(s.vm.ram_size(), &populated, |off, buf| {
+        s.vm.read_ram(off, buf)
+    })
+    .map_err(vm_err("checksum memory"))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    for (i, chunk) in crcs.chunks(verify::CHUNK).enumerate() {
+        s.send(
+            Kind::Checksums,
+            &verify::encode((i * verify::CHUNK) as u64, chunk),
+        )?;
+    }
+    Ok(ms)
+}
+
+/// What the destination reports at the end of post-copy.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PostcopyReport {
+    pub postcopy: PostcopyStats,
+    /// Pages checked against the source's CRC as they arrived.
+    pub pages_verified: u64,
+    pub mismatched_pages: u64,
+    pub guest: crate::endpoint::GuestView,
 }
 
 /// Waits for `Resumed`; an `Abort` carries the destination's reason.

@@ -82,9 +82,8 @@ fn round0_throughput() {
         let listener = migration::transport::listen(&format!("tcp:127.0.0.1:{port}")).unwrap();
         let s2 = secret.clone();
         let rx = std::thread::spawn(move || {
-            let (stream, _) = migration::transport::accept(&listener).unwrap();
             let mut inc = Incoming::new(RunOptions::default());
-            migration::receive::receive(stream, &s2, &mut inc).unwrap();
+            migration::receive::receive(&listener, &s2, &mut inc).unwrap();
             use migration::DestinationVm;
             inc.discard();
         });

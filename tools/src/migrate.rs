@@ -37,9 +37,17 @@ pub struct MigrateArgs {
     /// File with the shared secret.
     #[arg(long)]
     secret: PathBuf,
-    /// Migration mode.
-    #[arg(long, default_value = "pre", value_parser = ["pre"])]
+    /// Migration mode: pre, post, or hybrid (pre-copy a share, post-copy
+    /// the rest).
+    #[arg(long, default_value = "pre", value_parser = ["pre", "post", "hybrid"])]
     mode: String,
+    /// Hybrid: how much memory to pre-copy (V1), e.g. 256M. Default: the
+    /// seed-001 split V·w/(r+w) from the rates measured on the guest.
+    #[arg(long, value_parser = parse_size_arg)]
+    precopy: Option<u64>,
+    /// Hybrid: pre-copy stops once a round dirtied at most this (l), e.g. 8M.
+    #[arg(long, value_parser = parse_size_arg)]
+    threshold: Option<u64>,
     /// Switch over once the predicted downtime is below this (e.g. 50ms, 1s).
     #[arg(long, value_parser = parse_duration_ms)]
     max_downtime: Option<f64>,
@@ -88,14 +96,22 @@ pub fn receive(args: ReceiveArgs) -> Result<(), String> {
     let secret = migration::auth::Secret::from_file(&args.secret).map_err(|e| error_chain(&e))?;
     let listener = migration::transport::listen(&args.listen).map_err(|e| error_chain(&e))?;
     eprintln!("waiting for a migration on {}", args.listen);
-    let (stream, peer) = migration::transport::accept(&listener).map_err(|e| error_chain(&e))?;
-    eprintln!("incoming migration from {peer}");
     let opts = RunOptions {
         echo_console: args.after.console,
     };
     let mut incoming = Incoming::new(opts.clone());
-    let received = migration::receive::receive(stream, &secret, &mut incoming)
-        .map_err(|e| format!("incoming migration failed: {}", error_chain(&e)))?;
+    eprintln!("incoming migration");
+    let received = match migration::receive::receive(&listener, &secret, &mut incoming) {
+        Ok(r) => r,
+        Err(e @ migration::MigrationError::MissingPages { .. }) => {
+            // The guest is paused with pages that will never come; its vCPU
+            // threads may be asleep in userfaultfd waits: exit without
+            // trying to join them.
+            eprintln!("error: incoming migration failed: {}", error_chain(&e));
+            std::process::exit(3);
+        }
+        Err(e) => return Err(format!("incoming migration failed: {}", error_chain(&e))),
+    };
     let machine = incoming
         .into_running()
         .ok_or("migration finished without a machine")?;
@@ -122,6 +138,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "bandwidth": args.bandwidth,
         "compression": args.compression,
         "verify": args.verify,
+        "mode": args.mode,
+        "precopy_bytes": args.precopy,
+        "threshold": args.threshold,
     });
     let sock = &args.api_socket;
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
@@ -208,6 +227,15 @@ pub fn print_report(r: &Value) {
             round["dirty_rate_pages_s"].as_f64().unwrap_or(0.0),
         );
     }
+    let pc = &r["postcopy"];
+    if pc.is_object() {
+        let f = |k: &str| pc[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  post-copy: {} demand faults (latency p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs), pushed {} pages / pulled {}, last page {:.1} ms after resume, longest guest stall {:.2} ms",
+            pc["demand_faults"], f("fault_latency_p50_us"), f("fault_latency_p99_us"), f("fault_latency_max_us"),
+            pc["pages_pushed"], pc["pages_pulled"], f("last_page_after_resume_ms"), f("longest_stall_ms")
+        );
+    }
     println!(
         "  stop rule: {}; bytes raw {} wire {}; pages verified {} mismatched {}; guest self-check {}",
         r["stop_rule"].as_str().unwrap_or("?"),
@@ -290,6 +318,8 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             to: addr.clone(),
             secret: secret.clone(),
             mode: "pre".into(),
+            precopy: None,
+            threshold: None,
             max_downtime: None,
             max_rounds: None,
             max_bytes: None,

@@ -49,6 +49,15 @@ pub struct MigrateRequest {
     pub compression: Option<String>,
     #[serde(default)]
     pub verify: bool,
+    /// pre | post | hybrid
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Hybrid: bytes to pre-copy (V1).
+    #[serde(default)]
+    pub precopy_bytes: Option<u64>,
+    /// Hybrid: pre-copy stops once a round dirtied at most this (l).
+    #[serde(default)]
+    pub threshold: Option<u64>,
 }
 
 /// A migration in progress or finished.
@@ -359,6 +368,19 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
     if let Some(c) = &req.compression {
         o.compression = c.parse()?;
     }
+    if let Some(t) = req.threshold {
+        o.threshold = t;
+    }
+    o.mode = match req.mode.as_deref().unwrap_or("pre") {
+        "pre" => migration::source::Mode::Pre,
+        "post" => migration::source::Mode::Post,
+        "hybrid" => migration::source::Mode::Hybrid {
+            precopy_bytes: req
+                .precopy_bytes
+                .ok_or("hybrid needs precopy_bytes (the V1 share)")?,
+        },
+        m => return Err(format!("unknown mode '{m}' (pre, post, hybrid)")),
+    };
     Ok(o)
 }
 

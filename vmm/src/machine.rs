@@ -375,6 +375,11 @@ impl Machine {
         self.vcpus.pause();
     }
 
+    /// Pauses, giving up after `timeout`; returns whether every vCPU stopped.
+    pub fn pause_timeout(&self, timeout: Duration) -> bool {
+        self.vcpus.pause_timeout(timeout)
+    }
+
     /// Resumes every vCPU.
     pub fn resume(&self) {
         self.vcpus.resume();

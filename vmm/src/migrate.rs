@@ -144,6 +144,8 @@ impl DestinationVm for Incoming {
             .filter_map(|h| h.restore_gap_ns)
             .max()
             .unwrap_or(0);
+        // From here on the longest gap is a stall after the resume.
+        probe.reset_max_gaps();
         let mut view = GuestView {
             guest_downtime_ms: gap_ns as f64 / 1e6,
             ..Default::default()
@@ -159,6 +161,42 @@ impl DestinationVm for Incoming {
             );
         }
         Ok(view)
+    }
+
+    fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError> {
+        let ram = self.ram()?;
+        Ok(ram
+            .regions()
+            .iter()
+            .map(|r| (r.ram_offset, ram.host_address(r) as u64, r.size))
+            .collect())
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64) -> Result<(), BoxError> {
+        Ok(self.ram()?.punch_hole(offset, len)?)
+    }
+
+    fn pause_guest(&mut self) -> bool {
+        match &self.machine {
+            Some(m) => m.pause_timeout(Duration::from_secs(2)),
+            None => true,
+        }
+    }
+
+    fn longest_stall_ms(&self) -> f64 {
+        self.machine
+            .as_ref()
+            .map(|m| {
+                m.devices()
+                    .probe
+                    .heartbeats()
+                    .iter()
+                    .map(|h| h.max_gap_ns)
+                    .max()
+                    .unwrap_or(0) as f64
+                    / 1e6
+            })
+            .unwrap_or(0.0)
     }
 
     fn discard(&mut self) {

@@ -202,6 +202,13 @@ impl Probe {
         lock(&self.inner).heartbeats.clone()
     }
 
+    /// Forgets the longest gaps so far (measurement starts anew).
+    pub fn reset_max_gaps(&self) {
+        for hb in &mut lock(&self.inner).heartbeats {
+            hb.max_gap_ns = 0;
+        }
+    }
+
     /// Events received so far (the last `KEPT_EVENTS`).
     pub fn events(&self) -> Vec<GuestEvent> {
         lock(&self.inner).events.clone()

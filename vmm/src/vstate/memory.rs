@@ -233,6 +233,20 @@ impl GuestRam {
         Ok(ranges)
     }
 
+    /// Drops `[offset, offset + len)` from the memfd: the pages become holes
+    /// again (read as zero; missing for userfaultfd).
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        fallocate(
+            self.memfd.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+        .map(|_| ())
+        .map_err(MemoryError::Seek)
+    }
+
     /// Copies the page at `ram_offset` into `buf` (no dirty marking).
     pub fn read_page(&self, ram_offset: u64, buf: &mut [u8; 4096]) -> Result<(), MemoryError> {
         let gpa = self

@@ -170,6 +170,29 @@ impl VcpuSet {
         self.wait_parked();
     }
 
+    /// Like [`VcpuSet::pause`], but gives up after `timeout` (a vCPU asleep
+    /// in a userfaultfd wait for a page that will never come may not stop);
+    /// returns whether all stopped.
+    pub fn pause_timeout(&self, timeout: std::time::Duration) -> bool {
+        request_all(&self.shared, Request::Pause, None);
+        self.kick_all();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut c = lock(&self.shared.control);
+        while c.parked + c.exited < self.len() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .shared
+                .changed
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     fn wait_parked(&self) {
         let mut c = lock(&self.shared.control);
         while c.parked + c.exited < self.len() {

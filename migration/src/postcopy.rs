@@ -1,0 +1,525 @@
+//! Post-copy: the guest runs on the destination before all its memory has
+//! arrived.
+//!
+//! After the switch-over the source knows which pages the destination still
+//! needs (`PostcopyBegin`: all populated pages for pure post-copy; for the
+//! hybrid, those not pre-copied and those dirtied since they were sent). Two
+//! flows then fill them in:
+//!
+//! - **demand** (fault connection, TCP_NODELAY, nothing else on it): a vCPU
+//!   touches a missing page → userfaultfd wakes the destination's fault
+//!   thread → `PageRequest` → the source's server thread answers with the
+//!   page → the destination's reply thread installs it with `UFFDIO_COPY`,
+//!   which wakes the vCPU. Several vCPUs may fault at once: requests are
+//!   pipelined, each page asked for once.
+//! - **push** (main connection): the source sends every needed page in the
+//!   background; whenever a page was requested it moves its scan there, so
+//!   the neighbours of a faulting page arrive before the guest asks.
+//!
+//! The destination ends post-copy when every needed page is present, then
+//! unregisters the userfaultfd and reports (`PostcopyComplete`).
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{decode_batch, BatchEncoder, Compression, PageData, PAGE};
+use crate::endpoint::{DestinationVm, SourceVm};
+use crate::precopy::runs;
+use crate::protocol::{read_frame, write_frame, Cursor, Kind, ProtocolError};
+use crate::source::{set_progress, vm_err, MigrationError, PageSender};
+use crate::uffd::Userfault;
+
+/// Page numbers in `bitmap`, one bit per page.
+fn bit(bitmap: &[u64], p: u64) -> bool {
+    bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0
+}
+
+fn set_bit(bitmap: &[AtomicU64], p: u64) -> bool {
+    let old = bitmap[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
+    old & (1 << (p % 64)) == 0
+}
+
+fn get_bit(bitmap: &[AtomicU64], p: u64) -> bool {
+    bitmap[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+}
+
+// ---------------------------------------------------------------- source --
+
+/// State shared by the source's push and its fault server.
+#[derive(Debug, Default)]
+pub struct SourceShared {
+    /// Last page the destination asked for (+1; 0 = none yet).
+    last_request: AtomicU64,
+    pulled_pages: AtomicU64,
+    pulled_bytes: AtomicU64,
+}
+
+/// Serves demand requests on the fault connection until it closes.
+pub fn serve_faults<V: SourceVm>(vm: &V, stream: TcpStream, shared: &SourceShared, ram_pages: u64) {
+    let mut r = &stream;
+    let mut w = &stream;
+    let mut enc = BatchEncoder::new(Compression::None);
+    let mut page = vec![0u8; PAGE];
+    loop {
+        let frame = match read_frame(&mut r) {
+            Ok(f) => f,
+            Err(_) => return, // closed: post-copy is over (or the destination died)
+        };
+        if frame.kind != Kind::PageRequest {
+            return;
+        }
+        let mut c = Cursor::new(&frame.payload, "PageRequest");
+        let Ok(p) = c.u64() else { return };
+        if p >= ram_pages || vm.read_ram(p * PAGE as u64, &mut page).is_err() {
+            return;
+        }
+        shared.last_request.store(p + 1, Ordering::Release);
+        enc.push(p, &page);
+        let payload = enc.take();
+        if write_frame(&mut w, Kind::Pages, &payload).is_err() {
+            return;
+        }
+        shared.pulled_pages.fetch_add(1, Ordering::Relaxed);
+        shared
+            .pulled_bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Pushes every page of `needed` on the main connection, jumping to the
+/// neighbourhood of the last requested page; returns pages pushed.
+pub fn push<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    needed: &[u64],
+    shared: &SourceShared,
+) -> Result<u64, MigrationError> {
+    const CHUNK: u64 = 64;
+    let total_pages = needed.len() as u64 * 64;
+    let mut sent = vec![0u64; needed.len()];
+    let todo: u64 = needed.iter().map(|w| u64::from(w.count_ones())).sum();
+    set_progress(&s.progress, |p| {
+        p.phase = "post-copy push".into();
+        p.round_pages_sent = 0;
+        p.round_pages_total = todo;
+    });
+    let mut done = 0u64;
+    let mut cursor = 0u64;
+    let mut seen_request = 0u64;
+    while done < todo {
+        let req = shared.last_request.load(Ordering::Acquire);
+        if req != seen_request {
+            seen_request = req;
+            cursor = req; // the page after the requested one
+        }
+        // Next needed, unsent page from the cursor on (wrapping).
+        let mut p = cursor % total_pages;
+        let mut scanned = 0;
+        while scanned < total_pages && !(bit(needed, p) && !bit(&sent, p)) {
+            p = (p + 1) % total_pages;
+            scanned += 1;
+        }
+        if scanned == total_pages {
+            break;
+        }
+        let mut n = 0;
+        while n < CHUNK && p + n < total_pages && bit(needed, p + n) && !bit(&sent, p + n) {
+            sent[((p + n) / 64) as usize] |= 1 << ((p + n) % 64);
+            n += 1;
+        }
+        s.send_run(p, n)?;
+        s.flush_batch()?;
+        done += n;
+        cursor = p + n;
+    }
+    s.flush()?;
+    Ok(done)
+}
+
+/// What the destination measured during post-copy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    pub demand_faults: u64,
+    pub fault_latency_p50_us: f64,
+    pub fault_latency_p99_us: f64,
+    pub fault_latency_max_us: f64,
+    pub pages_pushed: u64,
+    pub pages_pulled: u64,
+    pub bytes_pushed: u64,
+    pub bytes_pulled: u64,
+    /// From resume until the last needed page was present.
+    pub last_page_after_resume_ms: f64,
+    /// Longest heartbeat gap after resume (the guest's worst stall).
+    pub longest_stall_ms: f64,
+}
+
+// ----------------------------------------------------------- destination --
+
+/// Shared by the destination's fault thread, reply thread and main thread.
+pub struct DestShared {
+    uffd: Userfault,
+    mappings: Vec<(u64, u64, u64)>,
+    needed: Vec<u64>,
+    present: Vec<AtomicU64>,
+    requested: Vec<AtomicU64>,
+    needed_count: u64,
+    present_count: AtomicU64,
+    request_times: Mutex<HashMap<u64, Instant>>,
+    latencies_us: Mutex<Vec<f64>>,
+    pulled_bytes: AtomicU64,
+    pulled_pages: AtomicU64,
+    stop: AtomicBool,
+    source_lost: AtomicBool,
+    /// `--verify`: the source's CRC of each page; arriving pages are checked.
+    expected: Option<Vec<Option<u32>>>,
+    verified: AtomicU64,
+    mismatched: AtomicU64,
+}
+
+impl DestShared {
+    /// Whether `page` is one post-copy must bring.
+    pub fn is_needed(&self, page: u64) -> bool {
+        page < self.needed.len() as u64 * 64 && bit(&self.needed, page)
+    }
+
+    /// Whether the source went away before every page arrived.
+    pub fn source_lost(&self) -> bool {
+        self.source_lost.load(Ordering::Acquire)
+    }
+
+    fn check(&self, page: u64, data: &PageData<'_>) {
+        let Some(expected) = self
+            .expected
+            .as_ref()
+            .and_then(|e| e.get(page as usize).copied())
+        else {
+            return;
+        };
+        let crc = match data {
+            PageData::Zero => crc32fast::hash(&[0u8; PAGE]),
+            PageData::Bytes(b) => crc32fast::hash(b),
+        };
+        self.verified.fetch_add(1, Ordering::Relaxed);
+        if expected != Some(crc) {
+            tracing::error!("post-copy page {page}: checksum {crc:#x}, source had {expected:x?}");
+            self.mismatched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn host_addr(&self, page: u64) -> Option<u64> {
+        let off = page * PAGE as u64;
+        self.mappings
+            .iter()
+            .find(|(o, _, l)| (*o..o + l).contains(&off))
+            .map(|(o, h, _)| h + (off - o))
+    }
+
+    fn page_of(&self, addr: u64) -> Option<u64> {
+        self.mappings
+            .iter()
+            .find(|(_, h, l)| (*h..h + l).contains(&addr))
+            .map(|(o, h, _)| (o + (addr - h)) / PAGE as u64)
+    }
+
+    /// Installs a received page if it is still missing.
+    fn install(&self, page: u64, data: PageData<'_>) -> std::io::Result<()> {
+        if !bit(&self.needed, page) || get_bit(&self.present, page) {
+            return Ok(());
+        }
+        let Some(addr) = self.host_addr(page) else {
+            return Ok(());
+        };
+        self.check(page, &data);
+        match data {
+            PageData::Zero => self.uffd.zeropage(addr, PAGE as u64)?,
+            PageData::Bytes(b) => self.uffd.copy(addr, b)?,
+        };
+        if set_bit(&self.present, page) {
+            self.present_count.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Whether every needed page is present.
+    pub fn complete(&self) -> bool {
+        self.present_count.load(Ordering::Acquire) >= self.needed_count
+    }
+
+    /// Needed pages still missing (first `limit`) and their count.
+    pub fn missing(&self, limit: usize) -> (u64, Vec<u64>) {
+        let mut first = Vec::new();
+        let mut count = 0;
+        for p in 0..self.needed.len() as u64 * 64 {
+            if bit(&self.needed, p) && !get_bit(&self.present, p) {
+                count += 1;
+                if first.len() < limit {
+                    first.push(p);
+                }
+            }
+        }
+        (count, first)
+    }
+}
+
+/// The end of post-copy on the destination.
+#[derive(Debug)]
+pub struct Finished {
+    pub stats: PostcopyStats,
+    /// Pages checked against the source's CRC on arrival, and mismatches.
+    pub verified: (u64, u64),
+}
+
+/// The destination's post-copy machinery.
+pub struct PostcopyDestination {
+    pub shared: Arc<DestShared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    fault_conn: TcpStream,
+    pushed_pages: u64,
+    pushed_bytes: u64,
+}
+
+impl PostcopyDestination {
+    /// Sets up post-copy before the guest resumes: drops re-dirtied pages,
+    /// registers guest RAM with userfaultfd, starts the fault and reply
+    /// threads on the fault connection.
+    pub fn start<D: DestinationVm>(
+        dst: &mut D,
+        needed_runs: &[(u64, u64)],
+        written: &[u64],
+        ram_pages: u64,
+        fault_conn: TcpStream,
+        expected: Option<Vec<Option<u32>>>,
+    ) -> Result<Self, MigrationError> {
+        let words = ram_pages.div_ceil(64) as usize;
+        let mut needed = vec![0u64; words];
+        let mut needed_count = 0;
+        for &(f, n) in needed_runs {
+            for p in f..f + n {
+                needed[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            needed_count += n;
+        }
+        // Pages received in pre-copy but dirtied since: make them holes again.
+        let mut stale = vec![0u64; words];
+        for (i, (n, w)) in needed.iter().zip(written).enumerate() {
+            stale[i] = n & w;
+        }
+        for (f, n) in runs(&stale) {
+            dst.punch_hole(f * PAGE as u64, n * PAGE as u64)
+                .map_err(vm_err("drop re-dirtied pages"))?;
+        }
+        let uffd = Userfault::new().map_err(|e| vm_err("open userfaultfd")(e.into()))?;
+        let mappings = dst.ram_mappings().map_err(vm_err("find RAM mappings"))?;
+        for &(_, host, len) in &mappings {
+            uffd.register(host, len)
+                .map_err(|e| vm_err("register RAM with userfaultfd")(e.into()))?;
+        }
+        let shared = Arc::new(DestShared {
+            uffd,
+            mappings,
+            needed,
+            present: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            requested: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            needed_count,
+            present_count: AtomicU64::new(0),
+            request_times: Mutex::new(HashMap::new()),
+            latencies_us: Mutex::new(Vec::new()),
+            pulled_bytes: AtomicU64::new(0),
+            pulled_pages: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            source_lost: AtomicBool::new(false),
+            expected,
+            verified: AtomicU64::new(0),
+            mismatched: AtomicU64::new(0),
+        });
+        let _ = fault_conn.set_nodelay(true);
+        let _ = fault_conn.set_read_timeout(None);
+        let writer = fault_conn.try_clone().map_err(ProtocolError::Io)?;
+        let closer = fault_conn.try_clone().map_err(ProtocolError::Io)?;
+        let sh = shared.clone();
+        let faults = std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || fault_loop(&sh, writer))
+            .map_err(ProtocolError::Io)?;
+        let sh = shared.clone();
+        let replies = std::thread::Builder::new()
+            .name("uffd-replies".into())
+            .spawn(move || reply_loop(&sh, fault_conn, ram_pages))
+            .map_err(ProtocolError::Io)?;
+        Ok(Self {
+            shared,
+            threads: vec![faults, replies],
+            fault_conn: closer,
+            pushed_pages: 0,
+            pushed_bytes: 0,
+        })
+    }
+
+    /// Installs a `Pages` frame of the background push.
+    pub fn pushed(&mut self, payload: &[u8], ram_pages: u64) -> Result<(), MigrationError> {
+        let sh = &self.shared;
+        let mut n = 0;
+        decode_batch::<MigrationError>(payload, ram_pages, |p, d| {
+            n += 1;
+            sh.install(p, d)
+                .map_err(|e| vm_err("install a pushed page")(e.into()))
+        })?;
+        self.pushed_pages += n;
+        self.pushed_bytes += payload.len() as u64;
+        Ok(())
+    }
+
+    /// Waits (bounded) until every needed page is present, then stops the
+    /// threads and unregisters the userfaultfd.
+    pub fn finish(
+        mut self,
+        resumed_at: Instant,
+        stall_ms: f64,
+    ) -> Result<Finished, MigrationError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.shared.complete() {
+            if Instant::now() > deadline || self.shared.source_lost.load(Ordering::Acquire) {
+                let (count, first) = self.shared.missing(8);
+                return Err(MigrationError::MissingPages { count, first });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let last_page_ms = resumed_at.elapsed().as_secs_f64() * 1e3;
+        let stats = self.stop_threads(last_page_ms, stall_ms);
+        let sh = &self.shared;
+        Ok(Finished {
+            stats,
+            verified: (
+                sh.verified.load(Ordering::Acquire),
+                sh.mismatched.load(Ordering::Acquire),
+            ),
+        })
+    }
+
+    fn stop_threads(&mut self, last_page_ms: f64, stall_ms: f64) -> PostcopyStats {
+        let sh = &self.shared;
+        sh.stop.store(true, Ordering::Release);
+        for &(_, host, len) in &sh.mappings {
+            let _ = sh.uffd.unregister(host, len);
+        }
+        // The reply thread sleeps in read(): closing the fault connection
+        // wakes it (and tells the source's server that demand is over).
+        let _ = self.fault_conn.shutdown(std::net::Shutdown::Both);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let mut lat = sh
+            .latencies_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        lat.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            if lat.is_empty() {
+                0.0
+            } else {
+                lat[((lat.len() - 1) as f64 * q) as usize]
+            }
+        };
+        PostcopyStats {
+            demand_faults: lat.len() as u64,
+            fault_latency_p50_us: pct(0.5),
+            fault_latency_p99_us: pct(0.99),
+            fault_latency_max_us: lat.last().copied().unwrap_or(0.0),
+            pages_pushed: self.pushed_pages,
+            pages_pulled: sh.pulled_pages.load(Ordering::Acquire),
+            bytes_pushed: self.pushed_bytes,
+            bytes_pulled: sh.pulled_bytes.load(Ordering::Acquire),
+            last_page_after_resume_ms: last_page_ms,
+            longest_stall_ms: stall_ms,
+        }
+    }
+
+    /// The source is gone: which pages never arrived.
+    pub fn abandon(self) -> (u64, Vec<u64>) {
+        self.shared.source_lost.store(true, Ordering::Release);
+        let missing = self.shared.missing(16);
+        // Leave the userfaultfd registered: an unregistered hole would read
+        // as zeros and silently corrupt the guest. Only stop our threads'
+        // reading; faulting vCPUs stay asleep.
+        self.shared.stop.store(true, Ordering::Release);
+        missing
+    }
+}
+
+/// Reads userfaultfd events and asks the source for each missing page once.
+fn fault_loop(sh: &DestShared, mut conn: TcpStream) {
+    while !sh.stop.load(Ordering::Acquire) {
+        let addr = match sh.uffd.next_fault(20) {
+            Ok(Some(a)) => a,
+            Ok(None) => continue,
+            Err(_) => return,
+        };
+        let Some(page) = sh.page_of(addr) else {
+            continue;
+        };
+        let page_addr = addr & !(PAGE as u64 - 1);
+        if !bit(&sh.needed, page) {
+            // Never populated on the source: a zero page, served locally.
+            let _ = sh.uffd.zeropage(page_addr, PAGE as u64);
+            continue;
+        }
+        if get_bit(&sh.present, page) {
+            let _ = sh.uffd.wake(page_addr, PAGE as u64);
+            continue;
+        }
+        if !set_bit(&sh.requested, page) {
+            continue; // already asked: its reply wakes every waiter
+        }
+        sh.request_times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(page, Instant::now());
+        if write_frame(&mut conn, Kind::PageRequest, &page.to_le_bytes()).is_err() {
+            sh.source_lost.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Installs the source's answers and records how long each fault waited.
+fn reply_loop(sh: &DestShared, conn: TcpStream, ram_pages: u64) {
+    let mut r = &conn;
+    let mut payload = Vec::new();
+    while !sh.stop.load(Ordering::Acquire) {
+        match crate::protocol::read_frame_into(&mut r, &mut payload) {
+            Ok(Kind::Pages) => {}
+            _ => {
+                if !sh.complete() && !sh.stop.load(Ordering::Acquire) {
+                    sh.source_lost.store(true, Ordering::Release);
+                }
+                return;
+            }
+        }
+        sh.pulled_bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let res = decode_batch::<ProtocolError>(&payload, ram_pages, |p, d| {
+            let _ = sh.install(p, d);
+            sh.pulled_pages.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = sh
+                .request_times
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p)
+            {
+                sh.latencies_us
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok(())
+        });
+        if res.is_err() {
+            sh.source_lost.store(true, Ordering::Release);
+            return;
+        }
+    }
+}

@@ -191,24 +191,19 @@ impl DestShared {
         self.source_lost.load(Ordering::Acquire)
     }
 
-    fn check(&self, page: u64, data: &PageData<'_>) {
-        let Some(expected) = self
-            .expected
-            .as_ref()
-            .and_then(|e| e.get(page as usize).copied())
-        else {
-            return;
-        };
+    /// With `--verify`: whether `data` matches the source's CRC of `page`.
+    fn check(&self, page: u64, data: &PageData<'_>) -> Option<bool> {
+        let expected = self.expected.as_ref()?.get(page as usize).copied()?;
         let crc = match data {
             PageData::Zero => crc32fast::hash(&[0u8; PAGE]),
             PageData::Bytes(b) => crc32fast::hash(b),
         };
-        self.verified.fetch_add(1, Ordering::Relaxed);
         if expected != Some(crc) {
             tracing::error!("post-copy page {page}: checksum {crc:#x}, source had {expected:x?}");
-            self.mismatched.fetch_add(1, Ordering::Relaxed);
         }
+        Some(expected == Some(crc))
     }
+
     fn host_addr(&self, page: u64) -> Option<u64> {
         let off = page * PAGE as u64;
         self.mappings
@@ -232,13 +227,20 @@ impl DestShared {
         let Some(addr) = self.host_addr(page) else {
             return Ok(());
         };
-        self.check(page, &data);
+        let good = self.check(page, &data);
         match data {
             PageData::Zero => self.uffd.zeropage(addr, PAGE as u64)?,
             PageData::Bytes(b) => self.uffd.copy(addr, b)?,
         };
+        // Push and demand may both deliver a page; count it once.
         if set_bit(&self.present, page) {
             self.present_count.fetch_add(1, Ordering::AcqRel);
+            if let Some(good) = good {
+                self.verified.fetch_add(1, Ordering::Relaxed);
+                if !good {
+                    self.mismatched.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         Ok(())
     }

@@ -1,0 +1,192 @@
+//! Post-copy and hybrid between two real processes: every page verified
+//! (CRC against the source's final memory, on arrival), the guest's own
+//! check passes, several vCPUs fault at once; a guest that touches all of its
+//! memory right after resume; a guest that keeps dirtying throughout; and a
+//! source that dies after the switch-over.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tests::{
+    free_port, heartbeat_field, migrate, per_vcpu, require_kvm, scratch, secret_file, Receiver,
+    VmmProcess,
+};
+
+fn run(name: &str, vcpus: u8, workload: &str, extra: &[&str]) -> Value {
+    let dir = scratch(name);
+    let secret = secret_file(&dir, "secret", "post-copy test secret 123");
+    let v = vcpus.to_string();
+    let src = VmmProcess::start(
+        &dir.join("src.sock"),
+        &["--memory", "256M", "--vcpus", &v, "--workload", workload],
+    );
+    src.wait_running(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = src.state();
+    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let mut args = vec!["--verify"];
+    args.extend_from_slice(extra);
+    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &args);
+    assert!(
+        ok,
+        "migration failed: {err}\ndestination: {}",
+        dst.stderr_text()
+    );
+    assert_eq!(report["mismatched_pages"], json!(0), "{report}");
+    assert_eq!(
+        report["pages_verified"],
+        json!(65536),
+        "every page of RAM is checked: {report}"
+    );
+    assert_eq!(report["guest_verified"], json!(true), "{report}");
+    let pc = &report["postcopy"];
+    assert!(pc.is_object(), "no post-copy statistics: {report}");
+    src.quit();
+    dst.wait_socket(Duration::from_secs(10));
+    let s0 = dst.call(json!({"cmd": "state"}));
+    std::thread::sleep(Duration::from_millis(400));
+    let s1 = dst.call(json!({"cmd": "state"}));
+    for i in 0..usize::from(vcpus) {
+        assert!(
+            per_vcpu(&s1, "ticks")[i] > per_vcpu(&s0, "ticks")[i],
+            "vCPU {i}: timer stopped"
+        );
+        assert!(
+            heartbeat_field(&s1, "count")[i] > heartbeat_field(&before, "count")[i],
+            "vCPU {i}"
+        );
+        assert_eq!(heartbeat_field(&s1, "discontinuities")[i], 0, "vCPU {i}");
+        assert_eq!(per_vcpu(&s1, "fpu_errors")[i], 0, "vCPU {i}");
+        assert_eq!(
+            per_vcpu(&s1, "read_errors")[i],
+            0,
+            "vCPU {i}: read a wrong page"
+        );
+    }
+    let v = dst.call(json!({"cmd": "verify"}));
+    assert_eq!(
+        (v["pages_bad"].as_u64(), v["fpu_errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    report
+}
+
+#[test]
+fn postcopy_one_vcpu() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run(
+        "post-1",
+        1,
+        "wset=64M,rate=2000,read=2000",
+        &["--mode", "post"],
+    );
+    assert_eq!(r["mode"], json!("post"));
+    assert_eq!(
+        r["rounds"],
+        json!([]),
+        "post-copy sends nothing before the switch: {r}"
+    );
+    let pc = &r["postcopy"];
+    assert!(
+        pc["pages_pushed"].as_u64().unwrap() + pc["pages_pulled"].as_u64().unwrap() >= 16384,
+        "{r}"
+    );
+}
+
+/// Four vCPUs read their slices hard right after resume: they fault at
+/// once, and every page of the working set is touched early.
+#[test]
+fn postcopy_four_vcpus_faulting_at_once_touching_all_memory() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run(
+        "post-4",
+        4,
+        "wset=64M,read=400000",
+        &["--mode", "post", "--bandwidth", "200Mbit"],
+    );
+    let pc = &r["postcopy"];
+    assert!(
+        pc["demand_faults"].as_u64().unwrap() > 100,
+        "the guest should have faulted a lot: {r}"
+    );
+    assert!(pc["fault_latency_p50_us"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn hybrid_with_a_guest_dirtying_throughout() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run(
+        "hybrid",
+        2,
+        "wset=64M,rate=30000,read=5000,fill=50",
+        &["--mode", "hybrid", "--precopy", "32M", "--threshold", "4M"],
+    );
+    assert_eq!(r["mode"], json!("hybrid"));
+    let rounds = r["rounds"].as_array().unwrap();
+    assert!(!rounds.is_empty(), "{r}");
+    assert!(
+        rounds[0]["pages"].as_u64().unwrap() <= 32 * 256,
+        "pre-copied more than V1: {r}"
+    );
+    assert!(
+        ["threshold", "converged", "max_rounds"].contains(&r["stop_rule"].as_str().unwrap()),
+        "{r}"
+    );
+}
+
+/// The source dies after the switch-over: the destination pauses the guest
+/// and says which pages never arrived.
+#[test]
+fn source_death_after_switch_over_is_reported() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("post-src-dies");
+    let secret = secret_file(&dir, "secret", "post-copy test secret 123");
+    let src = VmmProcess::start(
+        &dir.join("src.sock"),
+        &["--memory", "256M", "--workload", "wset=128M,read=1000"],
+    );
+    src.wait_running(Duration::from_secs(60));
+    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let sock = dir.join("src.sock");
+    let addr = dst.addr.clone();
+    let s2 = secret.clone();
+    // A slow push (100 Mbit/s for 128 MiB: ~10 s) leaves time to kill it.
+    let t = std::thread::spawn(move || {
+        migrate(
+            &sock,
+            &addr,
+            &s2,
+            &["--mode", "post", "--bandwidth", "100Mbit"],
+        )
+    });
+    src.wait_for("post-copy push under way", Duration::from_secs(20), |_| {
+        let st =
+            vmm::api::call(&dir.join("src.sock"), &json!({"cmd": "migration_status"})).unwrap();
+        st["progress"]["phase"] == json!("post-copy push")
+            && st["progress"]["round_pages_sent"].as_u64() > Some(100)
+    });
+    drop(src); // SIGKILL
+    let _ = t.join();
+    let code = dst.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(3),
+        "destination should stop with the missing-pages code: {}",
+        dst.stderr_text()
+    );
+    let err = dst.stderr_text();
+    assert!(
+        err.contains("pages never arrived") && err.contains("the guest is paused"),
+        "{err}"
+    );
+}

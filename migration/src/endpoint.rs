@@ -29,6 +29,9 @@ pub trait SourceVm: Sync {
     /// The complete machine state (vCPUs, VM, devices), opaque to the
     /// engine. Called only while paused.
     fn state_blob(&self) -> Result<Vec<u8>, BoxError>;
+    /// `(ram_offset, host_address, len)` of every guest RAM mapping (for
+    /// access sampling with userfaultfd).
+    fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError>;
 }
 
 /// The machine being built on the destination.

@@ -12,6 +12,7 @@
 //! The engine does not know how the VMM is built: it drives a [`SourceVm`]
 //! and a [`DestinationVm`], two small traits the VMM implements.
 
+pub mod access_rate;
 pub mod auth;
 pub mod codec;
 pub mod endpoint;

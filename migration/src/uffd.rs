@@ -24,6 +24,11 @@ use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 const UFFDIO: u32 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shmem (memfd).
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `uffd_msg.arg.pagefault.flags`: the access was a write.
+pub const FAULT_FLAG_WRITE: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_FEATURE_MISSING_SHMEM`: missing faults work on shmem (memfd).
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
@@ -69,6 +74,15 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<UffdioContinue>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
@@ -80,6 +94,7 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
 
 /// What installing a page did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +124,17 @@ impl Userfault {
     /// accesses to guest memory are kernel-mode faults), and checks that the
     /// kernel supports missing faults on shmem.
     pub fn new() -> io::Result<Self> {
+        Self::open(0, UFFD_FEATURE_MISSING_SHMEM)
+    }
+
+    /// A userfaultfd for *minor* faults on shmem: the page exists in the
+    /// memfd, only this process's page-table entry is missing. Used to see
+    /// which pages the guest touches (reads included), see `access_rate`.
+    pub fn new_minor() -> io::Result<Self> {
+        Self::open(UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MINOR_SHMEM)
+    }
+
+    fn open(request: u64, require: u64) -> io::Result<Self> {
         // SAFETY: a plain syscall with integer flags; it returns a new fd or -1.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -119,15 +145,17 @@ impl Userfault {
         let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
         let mut api = UffdioApi {
             api: UFFD_API,
+            features: request,
             ..Default::default()
         };
         // SAFETY: UFFDIO_API reads and writes exactly one `UffdioApi`, which
         // lives for the call; the fd is a userfaultfd.
         check(unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API(), &mut api) })?;
-        if api.features & UFFD_FEATURE_MISSING_SHMEM == 0 {
-            return Err(io::Error::other(
-                "userfaultfd lacks missing faults on shmem",
-            ));
+        if api.features & require != require {
+            return Err(io::Error::other(format!(
+                "userfaultfd lacks features {require:#x} (has {:#x})",
+                api.features
+            )));
         }
         Ok(Self { fd })
     }
@@ -142,6 +170,34 @@ impl Userfault {
         // SAFETY: UFFDIO_REGISTER reads/writes one `UffdioRegister`; the
         // kernel validates that the range is a mapping of ours.
         check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) })
+    }
+
+    /// Registers `[addr, addr + len)` for minor faults.
+    pub fn register_minor(&self, addr: u64, len: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: addr, len },
+            mode: UFFDIO_REGISTER_MODE_MINOR,
+            ioctls: 0,
+        };
+        // SAFETY: as in `register`.
+        check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) })
+    }
+
+    /// Maps the existing page(s) at `[addr, addr + len)` after a minor fault
+    /// and wakes the faulting thread.
+    pub fn continue_range(&self, addr: u64, len: u64) -> io::Result<()> {
+        loop {
+            let mut c = UffdioContinue {
+                range: UffdioRange { start: addr, len },
+                ..Default::default()
+            };
+            // SAFETY: UFFDIO_CONTINUE reads/writes one `UffdioContinue`.
+            let r = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE(), &mut c) };
+            match self.outcome(r, addr, len)? {
+                Some(_) => return Ok(()),
+                None => continue,
+            }
+        }
     }
 
     /// Unregisters a range; threads still waiting in it are woken and fault
@@ -213,6 +269,11 @@ impl Userfault {
 
     /// Waits up to `timeout_ms` for a page fault; returns its address.
     pub fn next_fault(&self, timeout_ms: i32) -> io::Result<Option<u64>> {
+        Ok(self.next_fault_flags(timeout_ms)?.map(|(a, _)| a))
+    }
+
+    /// Like `next_fault`, with the fault's flags (e.g. [`FAULT_FLAG_WRITE`]).
+    pub fn next_fault_flags(&self, timeout_ms: i32) -> io::Result<Option<(u64, u64)>> {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -245,10 +306,10 @@ impl Userfault {
         if r as usize != msg.len() || msg[0] != UFFD_EVENT_PAGEFAULT {
             return Ok(None);
         }
-        // uffd_msg.arg.pagefault.address, after event (8 bytes) and flags (8).
-        Ok(Some(u64::from_le_bytes(
-            msg[16..24].try_into().expect("8 bytes"),
-        )))
+        // uffd_msg: event (8 bytes), then arg.pagefault.flags and .address.
+        let flags = u64::from_le_bytes(msg[8..16].try_into().expect("8 bytes"));
+        let addr = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
+        Ok(Some((addr, flags)))
     }
 }
 

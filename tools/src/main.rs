@@ -67,6 +67,12 @@ enum CtlAction {
     Verify,
     /// Check every working-set page from outside the guest.
     Scan,
+    /// Measure the guest's read and write rates from the host.
+    Measure {
+        /// Window in ms.
+        #[arg(long, default_value_t = 1000)]
+        window_ms: u64,
+    },
     /// Pause and save state and memory to a file.
     Save { path: PathBuf },
     /// Replace the running machine with one restored from a file.
@@ -82,6 +88,9 @@ fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
         CtlAction::State => serde_json::json!({"cmd": "state"}),
         CtlAction::Verify => serde_json::json!({"cmd": "verify"}),
         CtlAction::Scan => serde_json::json!({"cmd": "scan"}),
+        CtlAction::Measure { window_ms } => {
+            serde_json::json!({"cmd": "measure", "window_ms": window_ms})
+        }
         CtlAction::Save { path } => serde_json::json!({"cmd": "save", "path": path}),
         CtlAction::Restore { path } => serde_json::json!({"cmd": "restore", "path": path}),
         CtlAction::Quit => serde_json::json!({"cmd": "quit"}),

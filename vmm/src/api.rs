@@ -77,10 +77,19 @@ pub enum Request {
     Pause,
     Resume,
     State,
-    Save { path: PathBuf },
-    Restore { path: PathBuf },
+    Save {
+        path: PathBuf,
+    },
+    Restore {
+        path: PathBuf,
+    },
     Verify,
     Scan,
+    /// Measure r and w on the host side over `window_ms`.
+    Measure {
+        #[serde(default)]
+        window_ms: Option<u64>,
+    },
     Migrate(MigrateRequest),
     MigrationStatus,
     Quit,
@@ -194,6 +203,10 @@ impl Controller {
             Request::Scan => {
                 let r = self.with(|m| m.scan_working_set()).map_err(|e| chain(&e))?;
                 return serde_json::to_value(r).map_err(|e| e.to_string());
+            }
+            Request::Measure { window_ms } => {
+                let window = Duration::from_millis(window_ms.unwrap_or(1000).clamp(50, 60_000));
+                return self.with(|m| measure_rates(m, window));
             }
             Request::Migrate(req) => return self.start_migration(req),
             Request::MigrationStatus => return Ok(self.migration_status()),
@@ -339,6 +352,30 @@ pub fn state_json(m: &Machine) -> Result<Value, String> {
         "heartbeats": hb,
         "events": m.devices().probe.events(),
         "stop_reason": m.stop_reason().map(|r| format!("{r:?}")),
+    }))
+}
+
+/// Host-side r and w, beside the guest's own counters over the same window.
+pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
+    if m.is_paused() {
+        return Err("the machine is paused".into());
+    }
+    let guest = || -> Result<(u64, u64), String> {
+        let s = m.guest_status().map_err(|e| error_chain(&e))?;
+        Ok((
+            s.iter().map(|c| c.pages_read).sum(),
+            s.iter().map(|c| c.pages_written).sum(),
+        ))
+    };
+    let (r0, w0) = guest()?;
+    let t = Instant::now();
+    let rates = migration::access_rate::measure(m, window, 4096).map_err(|e| e.to_string())?;
+    let secs = t.elapsed().as_secs_f64();
+    let (r1, w1) = guest()?;
+    Ok(json!({
+        "host": rates,
+        "guest_read_pages_s": (r1 - r0) as f64 / secs,
+        "guest_write_pages_s": (w1 - w0) as f64 / secs,
     }))
 }
 

@@ -55,6 +55,15 @@ impl SourceVm for Machine {
     fn state_blob(&self) -> Result<Vec<u8>, BoxError> {
         Ok(serde_json::to_vec(&self.save_state()?)?)
     }
+
+    fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError> {
+        let ram = self.vm().ram();
+        Ok(ram
+            .regions()
+            .iter()
+            .map(|r| (r.ram_offset, ram.host_address(r) as u64, r.size))
+            .collect())
+    }
 }
 
 /// Builds the destination machine from the migration stream.

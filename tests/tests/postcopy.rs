@@ -39,8 +39,12 @@ fn run(name: &str, vcpus: u8, workload: &str, extra: &[&str]) -> Value {
         "every page of RAM is checked: {report}"
     );
     assert_eq!(report["guest_verified"], json!(true), "{report}");
-    let pc = &report["postcopy"];
-    assert!(pc.is_object(), "no post-copy statistics: {report}");
+    if report["mode"] != json!("pre") {
+        assert!(
+            report["postcopy"].is_object(),
+            "no post-copy statistics: {report}"
+        );
+    }
     src.quit();
     dst.wait_socket(Duration::from_secs(10));
     let s0 = dst.call(json!({"cmd": "state"}));
@@ -189,4 +193,57 @@ fn source_death_after_switch_over_is_reported() {
         err.contains("pages never arrived") && err.contains("the guest is paused"),
         "{err}"
     );
+}
+
+/// Hybrid without an explicit V1 measures r and w and pre-copies V·w/(r+w).
+#[test]
+fn hybrid_splits_by_measured_rates() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run(
+        "hybrid-split",
+        1,
+        "wset=64M,rate=10000,read=20000,pattern=random",
+        &["--mode", "hybrid"],
+    );
+    let p = &r["prediction"];
+    let (rr, w) = (
+        p["params"]["r"].as_f64().unwrap(),
+        p["params"]["w"].as_f64().unwrap(),
+    );
+    let v = p["params"]["v"].as_f64().unwrap();
+    assert!(rr > 0.0 && w > 0.0, "{p}");
+    let v1 = p["v1_bytes"].as_f64().unwrap() / 1e6;
+    assert!(
+        (v1 - v * w / (rr + w)).abs() < 0.01,
+        "V1 is not V·w/(r+w): {p}"
+    );
+    let pre_copied: u64 = r["rounds"][0]["pages"].as_u64().unwrap() * 4096;
+    assert!(
+        (pre_copied as f64 / 1e6 - v1).abs() < 0.01 + 4096.0 / 1e6,
+        "round 0 sent {pre_copied} B, V1 = {v1} MB"
+    );
+}
+
+/// Auto asks the model and says why it chose its mode.
+#[test]
+fn auto_mode_explains_its_choice() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run(
+        "auto",
+        1,
+        "wset=64M,rate=5000,read=20000",
+        &["--mode", "auto", "--max-downtime", "20ms"],
+    );
+    let mode = r["mode"].as_str().unwrap();
+    assert!(["pre", "post", "hybrid"].contains(&mode), "{r}");
+    let why = r["prediction"]["why"].as_str().unwrap();
+    assert!(
+        why.to_lowercase().contains(mode),
+        "the reason should name the mode: {why}"
+    );
+    assert_eq!(r["prediction"]["predictions"].as_array().unwrap().len(), 3);
 }

@@ -39,8 +39,11 @@ pub struct MigrateArgs {
     secret: PathBuf,
     /// Migration mode: pre, post, or hybrid (pre-copy a share, post-copy
     /// the rest).
-    #[arg(long, default_value = "pre", value_parser = ["pre", "post", "hybrid"])]
+    #[arg(long, default_value = "pre", value_parser = ["pre", "post", "hybrid", "auto"])]
     mode: String,
+    /// Auto: the migration must end within this time (e.g. 5s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    deadline: Option<f64>,
     /// Hybrid: how much memory to pre-copy (V1), e.g. 256M. Default: the
     /// seed-001 split V·w/(r+w) from the rates measured on the guest.
     #[arg(long, value_parser = parse_size_arg)]
@@ -141,6 +144,7 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "mode": args.mode,
         "precopy_bytes": args.precopy,
         "threshold": args.threshold,
+        "deadline_ms": args.deadline,
     });
     let sock = &args.api_socket;
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
@@ -236,6 +240,24 @@ pub fn print_report(r: &Value) {
             pc["pages_pushed"], pc["pages_pulled"], f("last_page_after_resume_ms"), f("longest_stall_ms")
         );
     }
+    let pr = &r["prediction"];
+    if pr.is_object() {
+        let m = &pr["measured"];
+        println!(
+            "  measured r = {:.0} pages/s, w = {:.0} pages/s; {}",
+            m["read_pages_s"].as_f64().unwrap_or(0.0),
+            m["write_pages_s"].as_f64().unwrap_or(0.0),
+            pr["why"].as_str().unwrap_or("")
+        );
+        for p in pr["predictions"].as_array().into_iter().flatten() {
+            println!(
+                "  model {:>6}: Tm {:>8.3} s, Td {:>8.4} s",
+                p["mode"].as_str().unwrap_or("?"),
+                p["tm_s"].as_f64().unwrap_or(f64::NAN),
+                p["td_s"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
     println!(
         "  stop rule: {}; bytes raw {} wire {}; pages verified {} mismatched {}; guest self-check {}",
         r["stop_rule"].as_str().unwrap_or("?"),
@@ -320,6 +342,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             mode: "pre".into(),
             precopy: None,
             threshold: None,
+            deadline: None,
             max_downtime: None,
             max_rounds: None,
             max_bytes: None,

@@ -58,6 +58,9 @@ pub struct MigrateRequest {
     /// Hybrid: pre-copy stops once a round dirtied at most this (l).
     #[serde(default)]
     pub threshold: Option<u64>,
+    /// Auto: the migration must end within this many ms (Tm).
+    #[serde(default)]
+    pub deadline_ms: Option<f64>,
 }
 
 /// A migration in progress or finished.
@@ -237,8 +240,13 @@ impl Controller {
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
-                let r = migration::migrate(&*machine, &req.to, &secret, &opts, progress)
-                    .map_err(|e| error_chain(&e));
+                let r = plan(&machine, &req, opts).and_then(|(opts, prediction)| {
+                    let mut report =
+                        migration::migrate(&*machine, &req.to, &secret, &opts, progress)
+                            .map_err(|e| error_chain(&e))?;
+                    report.prediction = prediction;
+                    Ok(report)
+                });
                 let mut slot = me.migration.lock().unwrap_or_else(|e| e.into_inner());
                 slot.running = false;
                 slot.finished_at = Some(Instant::now());
@@ -379,6 +387,107 @@ pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
     }))
 }
 
+/// Seed 001's policy: measure r and w on the running guest, then
+/// - `hybrid` without an explicit V1: pre-copy V·w/(r+w) of the populated
+///   memory V;
+/// - `auto`: predict Tm and Td of pre, post and hybrid with the model and
+///   pick the fastest mode whose Td meets `max_downtime` (and Tm the
+///   deadline); if none does, the one with the smallest Td.
+///
+/// μ is the `--bandwidth` cap, or 1000 MB/s without one (this is not
+/// measured before the migration); φ = 1 (the push has a link of its own
+/// beside the demand connection); ws = 0.1 MB of state.
+fn plan(
+    m: &Machine,
+    req: &MigrateRequest,
+    mut opts: migration::Options,
+) -> Result<(migration::Options, Option<Value>), String> {
+    use migration::model::{predict, Mode as M, Params};
+    let wants_split = matches!(
+        opts.mode,
+        migration::source::Mode::Hybrid {
+            precopy_bytes: u64::MAX
+        }
+    );
+    let auto = req.mode.as_deref() == Some("auto");
+    if !auto && !wants_split {
+        return Ok((opts, None));
+    }
+    let rates = migration::access_rate::measure(m, Duration::from_millis(1000), 4096)
+        .map_err(|e| e.to_string())?;
+    let v_bytes: u64 = m
+        .vm()
+        .ram()
+        .populated_ranges()
+        .map_err(|e| error_chain(&e))?
+        .iter()
+        .map(|r| r.1)
+        .sum();
+    let mu = opts.bandwidth.map_or(1000.0, |b| b as f64 / 1e6);
+    let p = Params {
+        v: v_bytes as f64 / 1e6,
+        r: rates.read_mb_s(),
+        w: rates.write_mb_s(),
+        mu,
+        l: opts.threshold as f64 / 1e6,
+        phi: 1.0,
+        ws: 0.1,
+    };
+    let v1 = (p.v1() * 1e6) as u64;
+    let preds: Vec<_> = [M::Pre, M::Post, M::Hybrid]
+        .into_iter()
+        .map(|mode| predict(mode, &p).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let why;
+    if auto {
+        let max_td = opts.max_downtime.as_secs_f64();
+        let deadline = req.deadline_ms.map(|d| d / 1e3);
+        let fits = |x: &migration::model::Prediction| {
+            x.tm_s.is_some()
+                && x.td_s <= max_td
+                && deadline.is_none_or(|d| x.tm_s.is_some_and(|t| t <= d))
+        };
+        let best = preds.iter().filter(|x| fits(x)).min_by(|a, b| {
+            a.tm_s
+                .unwrap_or(f64::MAX)
+                .total_cmp(&b.tm_s.unwrap_or(f64::MAX))
+        });
+        let chosen = match best {
+            Some(b) => {
+                why = format!("{:?} has the shortest predicted Tm ({:.3} s) among modes whose Td meets the limits", b.mode, b.tm_s.unwrap_or(0.0));
+                b
+            }
+            None => {
+                let b = preds
+                    .iter()
+                    .min_by(|a, b| a.td_s.total_cmp(&b.td_s))
+                    .expect("three predictions");
+                why = format!(
+                    "no mode meets the limits; {:?} has the smallest predicted Td ({:.3} s)",
+                    b.mode, b.td_s
+                );
+                b
+            }
+        };
+        opts.mode = match chosen.mode {
+            M::Pre => migration::source::Mode::Pre,
+            M::Post => migration::source::Mode::Post,
+            M::Hybrid => migration::source::Mode::Hybrid { precopy_bytes: v1 },
+        };
+    } else {
+        opts.mode = migration::source::Mode::Hybrid { precopy_bytes: v1 };
+        why = format!("V1 = V·w/(r+w) = {:.1} MB of {:.1} MB", p.v1(), p.v);
+    }
+    let prediction = json!({
+        "measured": rates,
+        "params": p,
+        "v1_bytes": v1,
+        "predictions": preds,
+        "why": why,
+    });
+    Ok((opts, Some(prediction)))
+}
+
 fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {
     let mut o = migration::Options {
         verify: req.verify,
@@ -411,12 +520,12 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
     o.mode = match req.mode.as_deref().unwrap_or("pre") {
         "pre" => migration::source::Mode::Pre,
         "post" => migration::source::Mode::Post,
+        // Without V1, `plan` measures r and w and splits V·w/(r+w).
         "hybrid" => migration::source::Mode::Hybrid {
-            precopy_bytes: req
-                .precopy_bytes
-                .ok_or("hybrid needs precopy_bytes (the V1 share)")?,
+            precopy_bytes: req.precopy_bytes.unwrap_or(u64::MAX),
         },
-        m => return Err(format!("unknown mode '{m}' (pre, post, hybrid)")),
+        "auto" => migration::source::Mode::Pre, // decided by `plan`
+        m => return Err(format!("unknown mode '{m}' (pre, post, hybrid, auto)")),
     };
     Ok(o)
 }

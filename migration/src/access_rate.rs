@@ -105,7 +105,7 @@ pub fn measure<V: SourceVm>(
     let mut k = 0u64;
     for (off, len) in ranges {
         for p in (off / PAGE as u64)..(off + len) / PAGE as u64 {
-            if k % stride == 0 {
+            if k.is_multiple_of(stride) {
                 if let Some(h) = host(p * PAGE as u64) {
                     samples.push((p, h));
                 }

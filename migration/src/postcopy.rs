@@ -119,7 +119,7 @@ pub fn push<V: SourceVm>(
         // Next needed, unsent page from the cursor on (wrapping).
         let mut p = cursor % total_pages;
         let mut scanned = 0;
-        while scanned < total_pages && !(bit(needed, p) && !bit(&sent, p)) {
+        while scanned < total_pages && (!bit(needed, p) || bit(&sent, p)) {
             p = (p + 1) % total_pages;
             scanned += 1;
         }

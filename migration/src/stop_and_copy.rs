@@ -45,32 +45,8 @@ pub fn switch_over<V: SourceVm>(
     let last_round_ms = last.duration_ms;
     rounds.push(last);
 
-    set_progress(&s.progress, |p| p.phase = "state".into());
-    let t = Instant::now();
-    let state = s.vm.state_blob().map_err(vm_err("save machine state"))?;
-    let state_save_ms = t.elapsed().as_secs_f64() * 1e3;
-    let state_sent_at = now_ns();
-    s.send(Kind::State, &state)?;
-    s.flush()?;
-
-    let mut verify_src_ms = 0.0;
-    if opts.verify {
-        let t = Instant::now();
-        let populated =
-            s.vm.populated_ranges()
-                .map_err(vm_err("find populated memory"))?;
-        let crcs = verify::page_crcs(s.vm.ram_size(), &populated, |off, buf| {
-            s.vm.read_ram(off, buf)
-        })
-        .map_err(vm_err("checksum memory"))?;
-        verify_src_ms = t.elapsed().as_secs_f64() * 1e3;
-        for (i, chunk) in crcs.chunks(verify::CHUNK).enumerate() {
-            s.send(
-                Kind::Checksums,
-                &verify::encode((i * verify::CHUNK) as u64, chunk),
-            )?;
-        }
-    }
+    let (state_save_ms, state_sent_at) = send_state(s)?;
+    let verify_src_ms = if opts.verify { send_checksums(s)? } else { 0.0 };
     s.send(Kind::Complete, &[])?;
     s.flush()?;
     set_progress(&s.progress, |p| {
@@ -144,13 +120,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
     for (n, c) in needed.iter_mut().zip(&clean) {
         *n &= !c;
     }
-    set_progress(&s.progress, |p| p.phase = "state".into());
-    let t = Instant::now();
-    let state = s.vm.state_blob().map_err(vm_err("save machine state"))?;
-    let state_save_ms = t.elapsed().as_secs_f64() * 1e3;
-    let state_sent_at = now_ns();
-    s.send(Kind::State, &state)?;
-    s.flush()?;
+    let (state_save_ms, state_sent_at) = send_state(s)?;
     if opts.verify {
         send_checksums(s)?;
     }
@@ -167,7 +137,6 @@ pub fn switch_over_postcopy<V: SourceVm>(
     let info = read_resumed(s.stream())?;
 
     let push_started = Instant::now();
-    let wire_before_push = s.out.bytes;
     let pushed = push(s, &needed, shared)?;
     s.send(Kind::PostcopyDone, &[])?;
     s.flush()?;
@@ -190,7 +159,6 @@ pub fn switch_over_postcopy<V: SourceVm>(
         None => ("post", Vec::new(), "none"),
     };
     rounds.iter_mut().for_each(|r| r.paused = false);
-    let _ = wire_before_push;
     Ok(Report {
         mode: mode.into(),
         downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
@@ -214,6 +182,19 @@ pub fn switch_over_postcopy<V: SourceVm>(
         postcopy: Some(stats.postcopy),
         ..Default::default()
     })
+}
+
+/// Reads the machine state (vCPUs paused) and sends it at once; returns
+/// how long the read took and when the send began.
+fn send_state<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<(f64, u64), MigrationError> {
+    set_progress(&s.progress, |p| p.phase = "state".into());
+    let t = Instant::now();
+    let state = s.vm.state_blob().map_err(vm_err("save machine state"))?;
+    let save_ms = t.elapsed().as_secs_f64() * 1e3;
+    let sent_at = now_ns();
+    s.send(Kind::State, &state)?;
+    s.flush()?;
+    Ok((save_ms, sent_at))
 }
 
 /// CRC of every page of the final memory (`--verify`).

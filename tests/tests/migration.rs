@@ -57,45 +57,7 @@ fn migrate_and_check(name: &str, vcpus: u8, mem: &str, workload: &str, extra: &[
 
     // On the destination the guest keeps running: heartbeats continue from
     // where they were, the timer fires, the FPU is intact.
-    dst.wait_socket(Duration::from_secs(10));
-    let s0 = dst.call(json!({"cmd": "state"}));
-    std::thread::sleep(Duration::from_millis(500));
-    let s1 = dst.call(json!({"cmd": "state"}));
-    for i in 0..usize::from(vcpus) {
-        assert!(
-            per_vcpu(&s1, "ticks")[i] > per_vcpu(&s0, "ticks")[i] + 10,
-            "vCPU {i}: timer stopped"
-        );
-        assert!(
-            heartbeat_field(&s1, "count")[i] > heartbeat_field(&before, "count")[i],
-            "vCPU {i}: heartbeats did not continue"
-        );
-        assert_eq!(
-            heartbeat_field(&s1, "discontinuities")[i],
-            0,
-            "vCPU {i}: heartbeat counter jumped"
-        );
-        assert_eq!(
-            per_vcpu(&s1, "fpu_errors")[i],
-            0,
-            "vCPU {i}: FPU state lost"
-        );
-        assert_eq!(
-            per_vcpu(&s1, "read_errors")[i],
-            0,
-            "vCPU {i}: read a bad page"
-        );
-        assert!(
-            per_vcpu(&s1, "fpu_checks")[i] > per_vcpu(&s0, "fpu_checks")[i],
-            "vCPU {i}: not running"
-        );
-    }
-    let v = dst.call(json!({"cmd": "verify"}));
-    assert_eq!(
-        (v["pages_bad"].as_u64(), v["fpu_errors"].as_u64()),
-        (Some(0), Some(0)),
-        "{v}"
-    );
+    tests::assert_guest_lives_on(&dst, vcpus, &before);
     let _ = std::fs::remove_dir_all(dir);
     Outcome { report, before }
 }

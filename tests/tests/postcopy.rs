@@ -7,10 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{
-    free_port, heartbeat_field, migrate, per_vcpu, require_kvm, scratch, secret_file, Receiver,
-    VmmProcess,
-};
+use tests::{free_port, migrate, require_kvm, scratch, secret_file, Receiver, VmmProcess};
 
 fn run(name: &str, vcpus: u8, workload: &str, extra: &[&str]) -> Value {
     let dir = scratch(name);
@@ -46,33 +43,7 @@ fn run(name: &str, vcpus: u8, workload: &str, extra: &[&str]) -> Value {
         );
     }
     src.quit();
-    dst.wait_socket(Duration::from_secs(10));
-    let s0 = dst.call(json!({"cmd": "state"}));
-    std::thread::sleep(Duration::from_millis(400));
-    let s1 = dst.call(json!({"cmd": "state"}));
-    for i in 0..usize::from(vcpus) {
-        assert!(
-            per_vcpu(&s1, "ticks")[i] > per_vcpu(&s0, "ticks")[i],
-            "vCPU {i}: timer stopped"
-        );
-        assert!(
-            heartbeat_field(&s1, "count")[i] > heartbeat_field(&before, "count")[i],
-            "vCPU {i}"
-        );
-        assert_eq!(heartbeat_field(&s1, "discontinuities")[i], 0, "vCPU {i}");
-        assert_eq!(per_vcpu(&s1, "fpu_errors")[i], 0, "vCPU {i}");
-        assert_eq!(
-            per_vcpu(&s1, "read_errors")[i],
-            0,
-            "vCPU {i}: read a wrong page"
-        );
-    }
-    let v = dst.call(json!({"cmd": "verify"}));
-    assert_eq!(
-        (v["pages_bad"].as_u64(), v["fpu_errors"].as_u64()),
-        (Some(0), Some(0)),
-        "{v}"
-    );
+    tests::assert_guest_lives_on(&dst, vcpus, &before);
     let _ = std::fs::remove_dir_all(dir);
     report
 }

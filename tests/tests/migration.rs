@@ -5,10 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{
-    free_port, heartbeat_field, migrate, per_vcpu, require_kvm, scratch, secret_file, Receiver,
-    VmmProcess,
-};
+use tests::{free_port, migrate, require_kvm, scratch, secret_file, Receiver, VmmProcess};
 
 struct Outcome {
     report: Value,

@@ -385,7 +385,11 @@ impl PostcopyDestination {
         while !self.shared.complete() {
             if Instant::now() > deadline || self.shared.source_lost.load(Ordering::Acquire) {
                 let (count, first) = self.shared.missing(8);
-                return Err(MigrationError::MissingPages { count, first });
+                return Err(MigrationError::MissingPages {
+                    count,
+                    first,
+                    paused: false,
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         }

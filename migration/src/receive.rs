@@ -173,6 +173,7 @@ impl Session<'_> {
                         .ok_or_else(|| malformed("PostcopyBegin", "not a post-copy migration"))?;
                     let needed = protocol::decode_runs(&payload, ram_pages)?;
                     let expected = checksums.take();
+                    let t = Instant::now();
                     pc = Some(PostcopyDestination::start(
                         dst,
                         &needed,
@@ -181,6 +182,7 @@ impl Session<'_> {
                         conn,
                         expected.clone(),
                     )?);
+                    info.postcopy_setup_ms = t.elapsed().as_secs_f64() * 1e3;
                     checksums = expected.map(|e| {
                         // Pages still to come are checked as they arrive.
                         let sh = &pc.as_ref().expect("just set").shared;
@@ -286,10 +288,15 @@ impl Session<'_> {
         }
         let stats = match pc.finish(resumed_at, dst.longest_stall_ms()) {
             Ok(s) => s,
-            Err(e) => {
-                dst.pause_guest();
-                return Err(e);
+            Err(MigrationError::MissingPages { count, first, .. }) => {
+                let paused = dst.pause_guest();
+                return Err(MigrationError::MissingPages {
+                    count,
+                    first,
+                    paused,
+                });
             }
+            Err(e) => return Err(e),
         };
         let (pages_verified, mismatched_pages) = stats.verified;
         let guest = if verify {
@@ -327,11 +334,11 @@ impl Session<'_> {
     ) -> MigrationError {
         let paused = dst.pause_guest();
         let (count, first) = pc.abandon();
-        tracing::error!(
-            "guest {}paused; {count} pages missing",
-            if paused { "" } else { "could not be fully " }
-        );
-        MigrationError::MissingPages { count, first }
+        MigrationError::MissingPages {
+            count,
+            first,
+            paused,
+        }
     }
 
     fn send_resumed(&mut self, info: &ResumedInfo) -> Result<(), MigrationError> {

@@ -33,6 +33,8 @@ pub struct Round {
 /// Where the downtime went.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DowntimeBreakdown {
+    /// Stopping the source's vCPUs (signal, exit from KVM_RUN).
+    pub pause_ms: f64,
     /// Sending the last dirty pages with the vCPUs paused.
     pub last_round_ms: f64,
     /// Reading vCPU, VM and device state on the source.
@@ -45,6 +47,8 @@ pub struct DowntimeBreakdown {
     pub restore_ms: f64,
     /// Resuming the vCPUs on the destination.
     pub resume_ms: f64,
+    /// Post-copy: dropping re-dirtied pages and registering userfaultfd.
+    pub postcopy_setup_ms: f64,
 }
 
 /// Limits the migration ran with.
@@ -92,6 +96,8 @@ pub struct ResumedInfo {
     pub restore_ms: f64,
     pub resume_ms: f64,
     pub verify_ms: f64,
+    #[serde(default)]
+    pub postcopy_setup_ms: f64,
     /// Wall-clock time of the resume, ns since the epoch.
     pub resumed_at_ns: u64,
     /// When the state frame had fully arrived, ns since the epoch.

@@ -37,8 +37,12 @@ pub enum MigrationError {
     Mismatch(u64),
     #[error("The guest's own verification failed on the destination: {0}")]
     GuestVerification(String),
-    #[error("Post-copy lost its source: {count} pages never arrived (first: {first:?}); the guest is paused")]
-    MissingPages { count: u64, first: Vec<u64> },
+    #[error("Post-copy lost its source: {count} pages never arrived (first: {first:?}); {}", if *.paused { "the guest is paused" } else { "the guest could not be fully paused (vCPUs asleep on missing pages)" })]
+    MissingPages {
+        count: u64,
+        first: Vec<u64>,
+        paused: bool,
+    },
 }
 
 /// How memory moves.

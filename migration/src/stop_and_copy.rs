@@ -30,7 +30,9 @@ pub fn switch_over<V: SourceVm>(
     paused: &mut bool,
 ) -> Result<Report, MigrationError> {
     let paused_at_ns = now_ns();
+    let t = Instant::now();
     s.vm.pause();
+    let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
     let mut dirty = pre.dirty;
     let more =
@@ -57,6 +59,8 @@ pub fn switch_over<V: SourceVm>(
     let mut report = Report {
         downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
         downtime_breakdown: DowntimeBreakdown {
+            pause_ms,
+            postcopy_setup_ms: 0.0,
             last_round_ms,
             state_save_ms,
             state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
@@ -92,7 +96,9 @@ pub fn switch_over_postcopy<V: SourceVm>(
     shared: &SourceShared,
 ) -> Result<Report, MigrationError> {
     let paused_at_ns = now_ns();
+    let t = Instant::now();
     s.vm.pause();
+    let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
     let words = (s.vm.ram_size() / PAGE as u64).div_ceil(64) as usize;
     // Pages the destination holds in their final version.
@@ -163,6 +169,8 @@ pub fn switch_over_postcopy<V: SourceVm>(
         mode: mode.into(),
         downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
         downtime_breakdown: DowntimeBreakdown {
+            pause_ms,
+            postcopy_setup_ms: info.postcopy_setup_ms,
             last_round_ms: 0.0,
             state_save_ms,
             state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,

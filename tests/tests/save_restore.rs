@@ -87,3 +87,44 @@ fn save_restore_one_vcpu() {
 fn save_restore_four_vcpus() {
     save_and_restore_across_processes(4);
 }
+
+/// `restore` on the control socket replaces a running machine with the one
+/// in the file, in the same process.
+#[test]
+fn restore_through_the_control_socket() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("api-restore");
+    let snap = dir.join("vm.snap");
+    let a = VmmProcess::start(
+        &dir.join("a.sock"),
+        &["--memory", "256M", "--workload", "wset=32M,rate=2000"],
+    );
+    a.wait_running(Duration::from_secs(60));
+    a.call(json!({"cmd": "save", "path": snap}));
+    let saved = a.state();
+    a.call(json!({"cmd": "resume"}));
+    std::thread::sleep(Duration::from_millis(300));
+    a.call(json!({"cmd": "restore", "path": snap}));
+    let after = a.wait_for("the restored guest runs", Duration::from_secs(20), |s| {
+        s["paused"] == json!(false) && per_vcpu(s, "ticks")[0] > per_vcpu(&saved, "ticks")[0] + 10
+    });
+    // The heartbeat history is the file's, continued: no jump.
+    assert_eq!(heartbeat_field(&after, "discontinuities")[0], 0, "{after}");
+    let v = a.call(json!({"cmd": "verify"}));
+    assert_eq!(
+        (v["pages_bad"].as_u64(), v["fpu_errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    // A bad file is refused and the running machine is kept.
+    let bad = dir.join("bad.snap");
+    std::fs::write(&bad, b"not a snapshot").unwrap();
+    let r = vmm::api::call(&dir.join("a.sock"), &json!({"cmd": "restore", "path": bad})).unwrap();
+    assert_eq!(r["ok"], json!(false), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("bad magic"), "{r}");
+    assert_eq!(a.state()["paused"], json!(false));
+    a.quit();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -49,11 +49,13 @@ fn switch_over_downtime() {
             );
             let b = &r["downtime_breakdown"];
             println!(
-                "  {mem}: downtime {:6.2} ms (state save {:.2}, transfer {:.2}, restore {:.2}, resume {:.2}), guest saw {:6.2} ms",
+                "  {mem}: downtime {:6.2} ms (source pause {:.2}, state save {:.2}, transfer {:.2}, restore {:.2}, uffd setup {:.2}, resume {:.2}), guest saw {:6.2} ms",
                 f(&r["downtime_ms"]),
+                f(&b["pause_ms"]),
                 f(&b["state_save_ms"]),
                 f(&b["state_transfer_ms"]),
                 f(&b["restore_ms"]),
+                f(&b["postcopy_setup_ms"]),
                 f(&b["resume_ms"]),
                 f(&r["guest_downtime_ms"])
             );

@@ -88,6 +88,11 @@ pub fn send_round<V: SourceVm>(
     s.flush_batch()?;
     s.send(Kind::RoundEnd, &encode_round_end(round))?;
     s.flush()?;
+    let mut r = s.stream();
+    let ack = crate::protocol::read_frame(&mut r)?.expect(Kind::RoundAck)?;
+    if crate::protocol::decode_round_end(&ack)? != round {
+        return Err(crate::protocol::malformed("RoundAck", "wrong round").into());
+    }
     let st = s.enc.stats;
     let duration = t.elapsed().as_secs_f64();
     let bytes = s.out.bytes - wire0;

@@ -11,7 +11,9 @@
 //!    │   (post-copy/hybrid: second connection, same handshake, FaultChannel)
 //!    │◀───────────────────────────────────────── Ready ──│
 //!    │── Pages … Pages ─ RoundEnd {0} ──────────────────▶│  round 0: all populated memory
+//!    │◀──────────────────────────────── RoundAck {0} ────│  (all of it is in guest RAM)
 //!    │── Pages … Pages ─ RoundEnd {1} ──────────────────▶│  round i: pages dirtied during round i-1
+//!    │◀──────────────────────────────── RoundAck {1} ────│
 //!    │        …  until a stop rule fires                 │
 //!    │  [pause vCPUs]                                    │
 //!    │── Pages … Pages ─ RoundEnd {n} ──────────────────▶│  last dirty pages (vCPUs stopped)
@@ -29,6 +31,10 @@
 //! while on the fault connection the destination sends `PageRequest {page}`
 //! and the source answers each with a one-page `Pages`. When every needed
 //! page is present the destination sends `PostcopyComplete {statistics}`.
+//! `RoundAck` makes a round's time end-to-end: the bandwidth that predicts
+//! the downtime is what the destination absorbed, not how fast the source
+//! filled its socket buffer.
+//!
 //! Either side may send `Abort {reason}` at any point; a source that has not
 //! received `Resumed` then resumes its guest, which has lost nothing.
 //!
@@ -111,6 +117,7 @@ pub enum Kind {
     PostcopyDone = 16,
     PostcopyComplete = 17,
     Ready = 18,
+    RoundAck = 19,
 }
 
 impl Kind {
@@ -135,6 +142,7 @@ impl Kind {
             16 => PostcopyDone,
             17 => PostcopyComplete,
             18 => Ready,
+            19 => RoundAck,
             _ => return None,
         })
     }
@@ -161,6 +169,7 @@ impl Kind {
             PostcopyDone => "PostcopyDone",
             PostcopyComplete => "PostcopyComplete",
             Ready => "Ready",
+            RoundAck => "RoundAck",
         }
     }
 }

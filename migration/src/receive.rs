@@ -152,8 +152,14 @@ impl Session<'_> {
                     run.flush(dst)?;
                 }
                 Kind::RoundEnd if !state_seen => {
-                    protocol::decode_round_end(&payload)?;
+                    let round = protocol::decode_round_end(&payload)?;
                     self.out.rounds += 1;
+                    write_frame(
+                        self.writer,
+                        Kind::RoundAck,
+                        &protocol::encode_round_end(round),
+                    )?;
+                    self.writer.flush().map_err(ProtocolError::Io)?;
                 }
                 Kind::State if !state_seen => {
                     info.state_received_at_ns = now_ns();

@@ -41,7 +41,8 @@ pub struct DowntimeBreakdown {
     pub state_save_ms: f64,
     /// Moving the state to the destination.
     pub state_transfer_ms: f64,
-    /// Checksumming memory on both sides (`--verify` only).
+    /// Checksumming memory on the source, then on the destination
+    /// (`--verify` only).
     pub verify_ms: f64,
     /// Restoring the state into KVM on the destination.
     pub restore_ms: f64,

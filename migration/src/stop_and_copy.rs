@@ -64,7 +64,8 @@ pub fn switch_over<V: SourceVm>(
             last_round_ms,
             state_save_ms,
             state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
-            verify_ms: verify_src_ms.max(info.verify_ms),
+            // The source checksums, then the destination: one after the other.
+            verify_ms: verify_src_ms + info.verify_ms,
             restore_ms: info.restore_ms,
             resume_ms: info.resume_ms,
         },

@@ -175,10 +175,11 @@ pub struct PostcopyStats {
 pub struct DestShared {
     uffd: Userfault,
     mappings: Vec<(u64, u64, u64)>,
-    needed: Vec<u64>,
+    needed: Vec<AtomicU64>,
     present: Vec<AtomicU64>,
     requested: Vec<AtomicU64>,
-    needed_count: u64,
+    needed_count: AtomicU64,
+    armed: AtomicBool,
     present_count: AtomicU64,
     request_times: Mutex<HashMap<u64, Instant>>,
     latencies_us: Mutex<Vec<f64>>,
@@ -187,7 +188,7 @@ pub struct DestShared {
     stop: AtomicBool,
     source_lost: AtomicBool,
     /// `--verify`: the source's CRC of each page; arriving pages are checked.
-    expected: Option<Vec<Option<u32>>>,
+    expected: std::sync::OnceLock<Vec<Option<u32>>>,
     verified: AtomicU64,
     mismatched: AtomicU64,
 }
@@ -195,7 +196,7 @@ pub struct DestShared {
 impl DestShared {
     /// Whether `page` is one post-copy must bring.
     pub fn is_needed(&self, page: u64) -> bool {
-        page < self.needed.len() as u64 * 64 && bit(&self.needed, page)
+        page < self.needed.len() as u64 * 64 && get_bit(&self.needed, page)
     }
 
     /// Whether the source went away before every page arrived.
@@ -205,7 +206,7 @@ impl DestShared {
 
     /// With `--verify`: whether `data` matches the source's CRC of `page`.
     fn check(&self, page: u64, data: &PageData<'_>) -> Option<bool> {
-        let expected = self.expected.as_ref()?.get(page as usize).copied()?;
+        let expected = self.expected.get()?.get(page as usize).copied()?;
         let crc = match data {
             PageData::Zero => crc32fast::hash(&[0u8; PAGE]),
             PageData::Bytes(b) => crc32fast::hash(b),
@@ -233,7 +234,7 @@ impl DestShared {
 
     /// Installs a received page if it is still missing.
     fn install(&self, page: u64, data: PageData<'_>) -> std::io::Result<()> {
-        if !bit(&self.needed, page) || get_bit(&self.present, page) {
+        if !get_bit(&self.needed, page) || get_bit(&self.present, page) {
             return Ok(());
         }
         let Some(addr) = self.host_addr(page) else {
@@ -259,7 +260,9 @@ impl DestShared {
 
     /// Whether every needed page is present.
     pub fn complete(&self) -> bool {
-        self.present_count.load(Ordering::Acquire) >= self.needed_count
+        self.armed.load(Ordering::Acquire)
+            && self.present_count.load(Ordering::Acquire)
+                >= self.needed_count.load(Ordering::Acquire)
     }
 
     /// Needed pages still missing (first `limit`) and their count.
@@ -267,7 +270,7 @@ impl DestShared {
         let mut first = Vec::new();
         let mut count = 0;
         for p in 0..self.needed.len() as u64 * 64 {
-            if bit(&self.needed, p) && !get_bit(&self.present, p) {
+            if get_bit(&self.needed, p) && !get_bit(&self.present, p) {
                 count += 1;
                 if first.len() < limit {
                     first.push(p);
@@ -293,38 +296,32 @@ pub struct PostcopyDestination {
     fault_conn: TcpStream,
     pushed_pages: u64,
     pushed_bytes: u64,
+    abandoned: bool,
+}
+
+impl Drop for PostcopyDestination {
+    /// A setup that never reached the switch-over (the migration failed
+    /// earlier) is taken down; an abandoned one keeps its registration (see
+    /// [`PostcopyDestination::abandon`]).
+    fn drop(&mut self) {
+        if !self.abandoned && !self.threads.is_empty() {
+            self.stop_threads(0.0, 0.0);
+        }
+    }
 }
 
 impl PostcopyDestination {
-    /// Sets up post-copy before the guest resumes: drops re-dirtied pages,
-    /// registers guest RAM with userfaultfd, starts the fault and reply
-    /// threads on the fault connection.
+    /// Prepares post-copy as soon as the destination knows it is coming
+    /// (at `Config`, long before the switch-over): registers guest RAM with
+    /// userfaultfd and starts the fault and reply threads on the fault
+    /// connection. Nothing can fault yet: the guest is not running.
     pub fn start<D: DestinationVm>(
-        dst: &mut D,
-        needed_runs: &[(u64, u64)],
-        written: &[u64],
+        dst: &D,
         ram_pages: u64,
         fault_conn: TcpStream,
-        expected: Option<Vec<Option<u32>>>,
     ) -> Result<Self, MigrationError> {
         let words = ram_pages.div_ceil(64) as usize;
-        let mut needed = vec![0u64; words];
-        let mut needed_count = 0;
-        for &(f, n) in needed_runs {
-            for p in f..f + n {
-                needed[(p / 64) as usize] |= 1 << (p % 64);
-            }
-            needed_count += n;
-        }
-        // Pages received in pre-copy but dirtied since: make them holes again.
-        let mut stale = vec![0u64; words];
-        for (i, (n, w)) in needed.iter().zip(written).enumerate() {
-            stale[i] = n & w;
-        }
-        for (f, n) in runs(&stale) {
-            dst.punch_hole(f * PAGE as u64, n * PAGE as u64)
-                .map_err(vm_err("drop re-dirtied pages"))?;
-        }
+        let atomics = || (0..words).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
         let uffd = Userfault::new().map_err(|e| vm_err("open userfaultfd")(e.into()))?;
         let mappings = dst.ram_mappings().map_err(vm_err("find RAM mappings"))?;
         for &(_, host, len) in &mappings {
@@ -334,10 +331,11 @@ impl PostcopyDestination {
         let shared = Arc::new(DestShared {
             uffd,
             mappings,
-            needed,
-            present: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            requested: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            needed_count,
+            needed: atomics(),
+            present: atomics(),
+            requested: atomics(),
+            needed_count: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
             present_count: AtomicU64::new(0),
             request_times: Mutex::new(HashMap::new()),
             latencies_us: Mutex::new(Vec::new()),
@@ -345,7 +343,7 @@ impl PostcopyDestination {
             pulled_pages: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             source_lost: AtomicBool::new(false),
-            expected,
+            expected: std::sync::OnceLock::new(),
             verified: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
         });
@@ -369,7 +367,44 @@ impl PostcopyDestination {
             fault_conn: closer,
             pushed_pages: 0,
             pushed_bytes: 0,
+            abandoned: false,
         })
+    }
+
+    /// At the switch-over: marks the pages still to come, and drops those
+    /// received in pre-copy but dirtied since (they fault and are fetched
+    /// again). `expected` are the source's CRCs (`--verify`).
+    pub fn arm<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        needed_runs: &[(u64, u64)],
+        written: &[u64],
+        expected: Option<Vec<Option<u32>>>,
+    ) -> Result<(), MigrationError> {
+        let sh = &self.shared;
+        let mut count = 0;
+        for &(f, n) in needed_runs {
+            for p in f..f + n {
+                set_bit(&sh.needed, p);
+            }
+            count += n;
+        }
+        let stale: Vec<u64> = sh
+            .needed
+            .iter()
+            .zip(written)
+            .map(|(n, w)| n.load(Ordering::Acquire) & w)
+            .collect();
+        for (f, n) in runs(&stale) {
+            dst.punch_hole(f * PAGE as u64, n * PAGE as u64)
+                .map_err(vm_err("drop re-dirtied pages"))?;
+        }
+        if let Some(e) = expected {
+            let _ = sh.expected.set(e);
+        }
+        sh.needed_count.store(count, Ordering::Release);
+        sh.armed.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Installs a `Pages` frame of the background push.
@@ -457,7 +492,8 @@ impl PostcopyDestination {
     }
 
     /// The source is gone: which pages never arrived.
-    pub fn abandon(self) -> (u64, Vec<u64>) {
+    pub fn abandon(mut self) -> (u64, Vec<u64>) {
+        self.abandoned = true;
         self.shared.source_lost.store(true, Ordering::Release);
         let missing = self.shared.missing(16);
         // Leave the userfaultfd registered: an unregistered hole would read
@@ -471,17 +507,29 @@ impl PostcopyDestination {
 /// Reads userfaultfd events and asks the source for each missing page once.
 fn fault_loop(sh: &DestShared, mut conn: TcpStream) {
     prefer_latency();
+    // Faults before the switch-over told us which pages are still to come
+    // wait here (nothing of ours should fault then, but be safe).
+    let mut early = Vec::new();
     while !sh.stop.load(Ordering::Acquire) {
-        let addr = match sh.uffd.next_fault(20) {
-            Ok(Some(a)) => a,
-            Ok(None) => continue,
-            Err(_) => return,
+        let armed = sh.armed.load(Ordering::Acquire);
+        let held = if armed { early.pop() } else { None };
+        let addr = match held {
+            Some(a) => a,
+            None => match sh.uffd.next_fault(20) {
+                Ok(Some(a)) if !armed => {
+                    early.push(a);
+                    continue;
+                }
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(_) => return,
+            },
         };
         let Some(page) = sh.page_of(addr) else {
             continue;
         };
         let page_addr = addr & !(PAGE as u64 - 1);
-        if !bit(&sh.needed, page) {
+        if !get_bit(&sh.needed, page) {
             // Never populated on the source: a zero page, served locally.
             let _ = sh.uffd.zeropage(page_addr, PAGE as u64);
             continue;

@@ -113,12 +113,21 @@ impl Session<'_> {
         if ram_size == 0 || ram_size % PAGE as u64 != 0 {
             return Err(malformed("Config", format!("RAM size {ram_size}")).into());
         }
-        let mut fault_conn = if postcopy {
+        let fault_conn = if postcopy {
             Some(accept_fault_channel(self.listener, self.secret)?)
         } else {
             None
         };
         dst.prepare(cfg, ram_size).map_err(vm_err("prepare RAM"))?;
+        // Post-copy's userfaultfd and threads are set up now, not in the downtime.
+        let mut pc_ready = match fault_conn {
+            Some(conn) => Some(PostcopyDestination::start(
+                dst,
+                ram_size / PAGE as u64,
+                conn,
+            )?),
+            None => None,
+        };
         write_frame(self.writer, Kind::Ready, &[])?;
         self.writer.flush().map_err(ProtocolError::Io)?;
         let ram_pages = ram_size / PAGE as u64;
@@ -174,20 +183,14 @@ impl Session<'_> {
                     verify::decode_into(&payload, c)?;
                 }
                 Kind::PostcopyBegin if state_seen && pc.is_none() => {
-                    let conn = fault_conn
+                    let mut ready = pc_ready
                         .take()
                         .ok_or_else(|| malformed("PostcopyBegin", "not a post-copy migration"))?;
                     let needed = protocol::decode_runs(&payload, ram_pages)?;
                     let expected = checksums.take();
                     let t = Instant::now();
-                    pc = Some(PostcopyDestination::start(
-                        dst,
-                        &needed,
-                        &written,
-                        ram_pages,
-                        conn,
-                        expected.clone(),
-                    )?);
+                    ready.arm(dst, &needed, &written, expected.clone())?;
+                    pc = Some(ready);
                     info.postcopy_setup_ms = t.elapsed().as_secs_f64() * 1e3;
                     checksums = expected.map(|e| {
                         // Pages still to come are checked as they arrive.

@@ -31,6 +31,11 @@
 //! while on the fault connection the destination sends `PageRequest {page}`
 //! and the source answers each with a one-page `Pages`. When every needed
 //! page is present the destination sends `PostcopyComplete {statistics}`.
+//! With a planner (`--mode auto`, or the hybrid split from measured rates)
+//! `Ready` is followed by `Probe … RoundEnd {u32::MAX}` ◀ `RoundAck`: a
+//! calibration burst that measures the link rate μ; its content is
+//! discarded.
+//!
 //! `RoundAck` makes a round's time end-to-end: the bandwidth that predicts
 //! the downtime is what the destination absorbed, not how fast the source
 //! filled its socket buffer.
@@ -118,6 +123,7 @@ pub enum Kind {
     PostcopyComplete = 17,
     Ready = 18,
     RoundAck = 19,
+    Probe = 20,
 }
 
 impl Kind {
@@ -143,6 +149,7 @@ impl Kind {
             17 => PostcopyComplete,
             18 => Ready,
             19 => RoundAck,
+            20 => Probe,
             _ => return None,
         })
     }
@@ -170,6 +177,7 @@ impl Kind {
             PostcopyComplete => "PostcopyComplete",
             Ready => "Ready",
             RoundAck => "RoundAck",
+            Probe => "Probe",
         }
     }
 }

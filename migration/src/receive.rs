@@ -160,9 +160,12 @@ impl Session<'_> {
                     })?;
                     run.flush(dst)?;
                 }
+                Kind::Probe if !state_seen => {} // calibration: read, dropped
                 Kind::RoundEnd if !state_seen => {
                     let round = protocol::decode_round_end(&payload)?;
-                    self.out.rounds += 1;
+                    if round != crate::source::CALIBRATION_ROUND {
+                        self.out.rounds += 1;
+                    }
                     write_frame(
                         self.writer,
                         Kind::RoundAck,
@@ -209,7 +212,12 @@ impl Session<'_> {
                 }
                 Kind::Complete if state_seen => {
                     return match pc.take() {
-                        None => self.complete_precopy(dst, ram_size, checksums.take(), info),
+                        None => {
+                            // A pre-copy chosen after post-copy was announced:
+                            // unregister before the guest runs.
+                            drop(pc_ready.take());
+                            self.complete_precopy(dst, ram_size, checksums.take(), info)
+                        }
                         Some(pc) => {
                             self.complete_postcopy(dst, ram_size, checksums.take(), info, pc)
                         }

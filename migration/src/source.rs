@@ -81,6 +81,16 @@ pub struct Options {
     /// Hybrid: pre-copy stops once a round dirtied at most this many bytes
     /// (the model's l).
     pub threshold: u64,
+    /// Decides the mode after the link rate μ was measured (auto, and the
+    /// hybrid split from measured rates).
+    pub planner: Option<std::sync::Arc<dyn Planner>>,
+}
+
+/// Chooses how to migrate once the link rate is known.
+pub trait Planner: Send + Sync + std::fmt::Debug {
+    /// `link_bytes_s`: μ as measured by the calibration burst. Returns the
+    /// mode and what the decision rested on (put in the report).
+    fn plan(&self, link_bytes_s: f64) -> Result<(Mode, serde_json::Value), String>;
 }
 
 impl Default for Options {
@@ -94,6 +104,7 @@ impl Default for Options {
             verify: false,
             mode: Mode::Pre,
             threshold: 8 << 20,
+            planner: None,
         }
     }
 }
@@ -241,7 +252,8 @@ pub fn migrate<V: SourceVm>(
     auth::authenticate_as_source(&mut stream, secret)?;
     // Config first: it tells the destination whether a fault connection follows.
     let config = vm.config_blob().map_err(vm_err("read config"))?;
-    let postcopy = opts.mode != Mode::Pre;
+    // A planner may choose post-copy, so the fault connection is opened.
+    let postcopy = opts.mode != Mode::Pre || opts.planner.is_some();
     write_frame(
         &mut stream,
         Kind::Config,
@@ -250,7 +262,7 @@ pub fn migrate<V: SourceVm>(
     stream.flush().map_err(ProtocolError::Io)?;
     // Post-copy's demand requests get a connection of their own, so that a
     // faulting vCPU never waits behind bulk pages.
-    let fault_conn = if opts.mode == Mode::Pre {
+    let fault_conn = if !postcopy {
         None
     } else {
         let mut f = transport::connect(addr)?;
@@ -264,6 +276,17 @@ pub fn migrate<V: SourceVm>(
     let shared = crate::postcopy::SourceShared::default();
     let ram_pages = vm.ram_size() / PAGE as u64;
     let mut sender = PageSender::new(vm, stream, opts, progress);
+    let mut opts = opts.clone();
+    let mut prediction = None;
+    if let Some(planner) = opts.planner.take() {
+        let mu = calibrate(&mut sender)?;
+        let (mode, why) = planner
+            .plan(mu)
+            .map_err(|e| vm_err("plan the migration")(e.into()))?;
+        opts.mode = mode;
+        prediction = Some(why);
+    }
+    let opts = &opts;
     let mut paused = false;
     let result = std::thread::scope(|scope| {
         if let Some(f) = fault_conn {
@@ -278,6 +301,7 @@ pub fn migrate<V: SourceVm>(
     match result {
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.prediction = prediction;
             report.limits = Limits {
                 max_downtime_ms: opts.max_downtime.as_secs_f64() * 1e3,
                 max_rounds: opts.max_rounds,
@@ -303,6 +327,36 @@ pub fn migrate<V: SourceVm>(
         }
     }
 }
+
+/// Measures the link rate μ: about 250 ms (at most 64 MiB) of `Probe`
+/// frames, rate-limited like real data, timed until the destination
+/// acknowledges that it read them all.
+fn calibrate<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<f64, MigrationError> {
+    set_progress(&s.progress, |p| p.phase = "measuring the link".into());
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while t.elapsed() < Duration::from_millis(250) && sent < 64 << 20 {
+        s.send(Kind::Probe, &chunk)?;
+        sent += chunk.len() as u64;
+    }
+    s.send(
+        Kind::RoundEnd,
+        &protocol::encode_round_end(CALIBRATION_ROUND),
+    )?;
+    s.flush()?;
+    let mut r = s.stream();
+    let ack = protocol::read_frame(&mut r)?.expect(Kind::RoundAck)?;
+    if protocol::decode_round_end(&ack)? != CALIBRATION_ROUND {
+        return Err(protocol::malformed("RoundAck", "not the calibration's").into());
+    }
+    Ok(sent as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `RoundEnd` number that closes the calibration burst.
+pub const CALIBRATION_ROUND: u32 = u32::MAX;
 
 /// An `Abort` the destination sent, if one is waiting on the socket.
 fn peer_reason(stream: &TcpStream) -> Option<MigrationError> {

@@ -236,17 +236,29 @@ impl Controller {
         let progress = slot.progress.clone();
         drop(slot);
         let machine = self.machine();
+        let mut opts = opts;
+        let auto = req.mode.as_deref() == Some("auto");
+        let split = matches!(
+            opts.mode,
+            migration::source::Mode::Hybrid {
+                precopy_bytes: u64::MAX
+            }
+        );
+        if auto || split {
+            opts.planner = Some(Arc::new(SeedPolicy {
+                machine: machine.clone(),
+                auto,
+                max_downtime: opts.max_downtime,
+                deadline_s: req.deadline_ms.map(|d| d / 1e3),
+                threshold: opts.threshold,
+            }));
+        }
         let me = self.self_ref();
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
-                let r = plan(&machine, &req, opts).and_then(|(opts, prediction)| {
-                    let mut report =
-                        migration::migrate(&*machine, &req.to, &secret, &opts, progress)
-                            .map_err(|e| error_chain(&e))?;
-                    report.prediction = prediction;
-                    Ok(report)
-                });
+                let r = migration::migrate(&*machine, &req.to, &secret, &opts, progress)
+                    .map_err(|e| error_chain(&e));
                 let mut slot = me.migration.lock().unwrap_or_else(|e| e.into_inner());
                 slot.running = false;
                 slot.finished_at = Some(Instant::now());
@@ -387,105 +399,90 @@ pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
     }))
 }
 
-/// Seed 001's policy: measure r and w on the running guest, then
+/// Seed 001's policy, run by the engine once it has measured the link
+/// rate μ: measure r and w on the running guest, then
 /// - `hybrid` without an explicit V1: pre-copy V·w/(r+w) of the populated
 ///   memory V;
 /// - `auto`: predict Tm and Td of pre, post and hybrid with the model and
 ///   pick the fastest mode whose Td meets `max_downtime` (and Tm the
 ///   deadline); if none does, the one with the smallest Td.
 ///
-/// μ is the `--bandwidth` cap, or 1000 MB/s without one (this is not
-/// measured before the migration); φ = 1 (the push has a link of its own
-/// beside the demand connection); ws = 0.1 MB of state.
-fn plan(
-    m: &Machine,
-    req: &MigrateRequest,
-    mut opts: migration::Options,
-) -> Result<(migration::Options, Option<Value>), String> {
-    use migration::model::{predict, Mode as M, Params};
-    let wants_split = matches!(
-        opts.mode,
-        migration::source::Mode::Hybrid {
-            precopy_bytes: u64::MAX
-        }
-    );
-    let auto = req.mode.as_deref() == Some("auto");
-    if !auto && !wants_split {
-        return Ok((opts, None));
+/// φ = 1 (the push has a connection of its own beside the demand
+/// requests); ws = 0.1 MB of state.
+#[derive(Debug)]
+struct SeedPolicy {
+    machine: Arc<Machine>,
+    auto: bool,
+    max_downtime: Duration,
+    deadline_s: Option<f64>,
+    threshold: u64,
+}
+
+impl migration::source::Planner for SeedPolicy {
+    fn plan(&self, link_bytes_s: f64) -> Result<(migration::source::Mode, Value), String> {
+        use migration::model::{predict, Mode as M, Params};
+        use migration::source::Mode;
+        let m = &self.machine;
+        let rates = migration::access_rate::measure(&**m, Duration::from_millis(1000), 4096)
+            .map_err(|e| e.to_string())?;
+        let v_bytes: u64 = m
+            .vm()
+            .ram()
+            .populated_ranges()
+            .map_err(|e| error_chain(&e))?
+            .iter()
+            .map(|r| r.1)
+            .sum();
+        let p = Params {
+            v: v_bytes as f64 / 1e6,
+            r: rates.read_mb_s(),
+            w: rates.write_mb_s(),
+            mu: link_bytes_s / 1e6,
+            l: self.threshold as f64 / 1e6,
+            phi: 1.0,
+            ws: 0.1,
+        };
+        let v1 = (p.v1() * 1e6) as u64;
+        let preds: Vec<_> = [M::Pre, M::Post, M::Hybrid]
+            .into_iter()
+            .map(|mode| predict(mode, &p).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let (mode, why) = if self.auto {
+            let max_td = self.max_downtime.as_secs_f64();
+            let fits = |x: &&migration::model::Prediction| {
+                x.tm_s
+                    .is_some_and(|t| self.deadline_s.is_none_or(|d| t <= d))
+                    && x.td_s <= max_td
+            };
+            let by_tm = |a: &&migration::model::Prediction, b: &&migration::model::Prediction| {
+                a.tm_s
+                    .unwrap_or(f64::MAX)
+                    .total_cmp(&b.tm_s.unwrap_or(f64::MAX))
+            };
+            let (chosen, why) = match preds.iter().filter(fits).min_by(by_tm) {
+                Some(b) => (b, format!("{:?} has the shortest predicted Tm ({:.3} s) among modes whose Td meets the limits", b.mode, b.tm_s.unwrap_or(0.0))),
+                None => {
+                    let b = preds.iter().min_by(|a, b| a.td_s.total_cmp(&b.td_s)).expect("three predictions");
+                    (b, format!("no mode meets the limits; {:?} has the smallest predicted Td ({:.3} s)", b.mode, b.td_s))
+                }
+            };
+            let mode = match chosen.mode {
+                M::Pre => Mode::Pre,
+                M::Post => Mode::Post,
+                M::Hybrid => Mode::Hybrid { precopy_bytes: v1 },
+            };
+            (mode, why)
+        } else {
+            (
+                Mode::Hybrid { precopy_bytes: v1 },
+                format!("V1 = V·w/(r+w) = {:.1} MB of {:.1} MB", p.v1(), p.v),
+            )
+        };
+        Ok((
+            mode,
+            json!({ "measured": rates, "params": p, "v1_bytes": v1, "predictions": preds, "why": why }),
+        ))
     }
-    let rates = migration::access_rate::measure(m, Duration::from_millis(1000), 4096)
-        .map_err(|e| e.to_string())?;
-    let v_bytes: u64 = m
-        .vm()
-        .ram()
-        .populated_ranges()
-        .map_err(|e| error_chain(&e))?
-        .iter()
-        .map(|r| r.1)
-        .sum();
-    let mu = opts.bandwidth.map_or(1000.0, |b| b as f64 / 1e6);
-    let p = Params {
-        v: v_bytes as f64 / 1e6,
-        r: rates.read_mb_s(),
-        w: rates.write_mb_s(),
-        mu,
-        l: opts.threshold as f64 / 1e6,
-        phi: 1.0,
-        ws: 0.1,
-    };
-    let v1 = (p.v1() * 1e6) as u64;
-    let preds: Vec<_> = [M::Pre, M::Post, M::Hybrid]
-        .into_iter()
-        .map(|mode| predict(mode, &p).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let why;
-    if auto {
-        let max_td = opts.max_downtime.as_secs_f64();
-        let deadline = req.deadline_ms.map(|d| d / 1e3);
-        let fits = |x: &migration::model::Prediction| {
-            x.tm_s.is_some()
-                && x.td_s <= max_td
-                && deadline.is_none_or(|d| x.tm_s.is_some_and(|t| t <= d))
-        };
-        let best = preds.iter().filter(|x| fits(x)).min_by(|a, b| {
-            a.tm_s
-                .unwrap_or(f64::MAX)
-                .total_cmp(&b.tm_s.unwrap_or(f64::MAX))
-        });
-        let chosen = match best {
-            Some(b) => {
-                why = format!("{:?} has the shortest predicted Tm ({:.3} s) among modes whose Td meets the limits", b.mode, b.tm_s.unwrap_or(0.0));
-                b
-            }
-            None => {
-                let b = preds
-                    .iter()
-                    .min_by(|a, b| a.td_s.total_cmp(&b.td_s))
-                    .expect("three predictions");
-                why = format!(
-                    "no mode meets the limits; {:?} has the smallest predicted Td ({:.3} s)",
-                    b.mode, b.td_s
-                );
-                b
-            }
-        };
-        opts.mode = match chosen.mode {
-            M::Pre => migration::source::Mode::Pre,
-            M::Post => migration::source::Mode::Post,
-            M::Hybrid => migration::source::Mode::Hybrid { precopy_bytes: v1 },
-        };
-    } else {
-        opts.mode = migration::source::Mode::Hybrid { precopy_bytes: v1 };
-        why = format!("V1 = V·w/(r+w) = {:.1} MB of {:.1} MB", p.v1(), p.v);
-    }
-    let prediction = json!({
-        "measured": rates,
-        "params": p,
-        "v1_bytes": v1,
-        "predictions": preds,
-        "why": why,
-    });
-    Ok((opts, Some(prediction)))
 }
 
 fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {

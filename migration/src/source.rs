@@ -280,9 +280,12 @@ pub fn migrate<V: SourceVm>(
     let mut prediction = None;
     if let Some(planner) = opts.planner.take() {
         let mu = calibrate(&mut sender)?;
-        let (mode, why) = planner
+        let (mode, mut why) = planner
             .plan(mu)
             .map_err(|e| vm_err("plan the migration")(e.into()))?;
+        // The burst is measurement, not migration: keep it out of bytes_wire.
+        why["calibration_bytes"] = sender.out.bytes.into();
+        sender.out.bytes = 0;
         opts.mode = mode;
         prediction = Some(why);
     }

@@ -64,7 +64,11 @@ fn idle_guest_one_vcpu() {
     if !require_kvm() {
         return;
     }
-    let o = migrate_and_check("idle-1", 1, "512M", "wset=16M", &[]);
+    let o = migrate_and_check("idle-1", 1, "512M", "wset=16M", &["--predict"]);
+    // --predict: the model's Tm and Td for the mode that ran, beside the measurement.
+    let p = &o.report["prediction"];
+    assert!(p["predictions"][0]["tm_s"].as_f64().is_some(), "{p}");
+    assert!(p["params"]["mu"].as_f64().unwrap() > 0.0, "{p}");
     assert_eq!(o.report["stop_rule"], json!("downtime"), "{}", o.report);
     // Untouched memory is never sent.
     assert!(

@@ -41,6 +41,10 @@ pub struct MigrateArgs {
     /// the rest).
     #[arg(long, default_value = "pre", value_parser = ["pre", "post", "hybrid", "auto"])]
     mode: String,
+    /// Measure r, w and μ first and report the model's prediction beside
+    /// the measurement (implied by auto and by hybrid without --precopy).
+    #[arg(long)]
+    predict: bool,
     /// Auto: the migration must end within this time (e.g. 5s).
     #[arg(long, value_parser = parse_duration_ms)]
     deadline: Option<f64>,
@@ -145,6 +149,7 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "precopy_bytes": args.precopy,
         "threshold": args.threshold,
         "deadline_ms": args.deadline,
+        "predict": args.predict,
     });
     let sock = &args.api_socket;
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
@@ -345,6 +350,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             precopy: None,
             threshold: None,
             deadline: None,
+            predict: false,
             max_downtime: None,
             max_rounds: None,
             max_bytes: None,

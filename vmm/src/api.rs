@@ -61,6 +61,10 @@ pub struct MigrateRequest {
     /// Auto: the migration must end within this many ms (Tm).
     #[serde(default)]
     pub deadline_ms: Option<f64>,
+    /// Measure r, w and μ and put the model's prediction in the report,
+    /// whatever the mode.
+    #[serde(default)]
+    pub predict: bool,
 }
 
 /// A migration in progress or finished.
@@ -244,10 +248,11 @@ impl Controller {
                 precopy_bytes: u64::MAX
             }
         );
-        if auto || split {
+        if auto || split || req.predict {
             opts.planner = Some(Arc::new(SeedPolicy {
                 machine: machine.clone(),
                 auto,
+                keep: (!auto && !split).then_some(opts.mode),
                 max_downtime: opts.max_downtime,
                 deadline_s: req.deadline_ms.map(|d| d / 1e3),
                 threshold: opts.threshold,
@@ -413,6 +418,8 @@ pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
 struct SeedPolicy {
     machine: Arc<Machine>,
     auto: bool,
+    /// Only predict: keep this mode.
+    keep: Option<migration::source::Mode>,
     max_downtime: Duration,
     deadline_s: Option<f64>,
     threshold: u64,
@@ -447,7 +454,12 @@ impl migration::source::Planner for SeedPolicy {
             .into_iter()
             .map(|mode| predict(mode, &p).map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?;
-        let (mode, why) = if self.auto {
+        let (mode, why) = if let Some(keep) = self.keep {
+            (
+                keep,
+                format!("{keep:?} as requested; the model's prediction is for comparison"),
+            )
+        } else if self.auto {
             let max_td = self.max_downtime.as_secs_f64();
             let fits = |x: &&migration::model::Prediction| {
                 x.tm_s

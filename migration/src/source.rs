@@ -279,12 +279,15 @@ pub fn migrate<V: SourceVm>(
     let mut opts = opts.clone();
     let mut prediction = None;
     if let Some(planner) = opts.planner.take() {
+        let planning = Instant::now();
         let mu = calibrate(&mut sender)?;
         let (mode, mut why) = planner
             .plan(mu)
             .map_err(|e| vm_err("plan the migration")(e.into()))?;
         // The burst is measurement, not migration: keep it out of bytes_wire.
         why["calibration_bytes"] = sender.out.bytes.into();
+        // Preparation (seed 001's stage 1) is part of total_time_ms.
+        why["planning_ms"] = (planning.elapsed().as_secs_f64() * 1e3).into();
         sender.out.bytes = 0;
         opts.mode = mode;
         prediction = Some(why);

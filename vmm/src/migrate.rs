@@ -57,12 +57,7 @@ impl SourceVm for Machine {
     }
 
     fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError> {
-        let ram = self.vm().ram();
-        Ok(ram
-            .regions()
-            .iter()
-            .map(|r| (r.ram_offset, ram.host_address(r) as u64, r.size))
-            .collect())
+        Ok(self.vm().ram().host_mappings())
     }
 }
 
@@ -173,12 +168,7 @@ impl DestinationVm for Incoming {
     }
 
     fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError> {
-        let ram = self.ram()?;
-        Ok(ram
-            .regions()
-            .iter()
-            .map(|r| (r.ram_offset, ram.host_address(r) as u64, r.size))
-            .collect())
+        Ok(self.ram()?.host_mappings())
     }
 
     fn punch_hole(&mut self, offset: u64, len: u64) -> Result<(), BoxError> {

@@ -284,11 +284,13 @@ impl GuestRam {
         out
     }
 
-    /// Region that holds RAM offset `ram_offset`.
-    pub fn region_of(&self, ram_offset: u64) -> Option<&RamRegion> {
+    /// `(ram_offset, host_address, len)` of every region: what userfaultfd
+    /// registers and what access sampling zaps.
+    pub fn host_mappings(&self) -> Vec<(u64, u64, u64)> {
         self.regions
             .iter()
-            .find(|r| (r.ram_offset..r.ram_offset + r.size).contains(&ram_offset))
+            .map(|r| (r.ram_offset, self.host_address(r) as u64, r.size))
+            .collect()
     }
 }
 

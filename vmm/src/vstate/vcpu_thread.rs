@@ -147,7 +147,7 @@ impl VcpuSet {
         }
         let set = Self { shared, threads };
         if paused {
-            set.wait_parked();
+            set.wait_parked(None);
         }
         Ok(set)
     }
@@ -165,43 +165,51 @@ impl VcpuSet {
     /// Stops every vCPU out of `KVM_RUN` and waits until all are parked (or
     /// gone). Afterwards their state can be read consistently.
     pub fn pause(&self) {
-        request_all(&self.shared, Request::Pause, None);
-        self.kick_all();
-        self.wait_parked();
+        self.request_pause();
+        self.wait_parked(None);
     }
 
     /// Like [`VcpuSet::pause`], but gives up after `timeout` (a vCPU asleep
     /// in a userfaultfd wait for a page that will never come may not stop);
     /// returns whether all stopped.
     pub fn pause_timeout(&self, timeout: std::time::Duration) -> bool {
-        request_all(&self.shared, Request::Pause, None);
-        self.kick_all();
-        let deadline = std::time::Instant::now() + timeout;
-        let mut c = lock(&self.shared.control);
-        while c.parked + c.exited < self.len() {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            c = self
-                .shared
-                .changed
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        self.request_pause();
+        self.wait_parked(Some(std::time::Instant::now() + timeout))
     }
 
-    fn wait_parked(&self) {
+    fn request_pause(&self) {
+        request_all(&self.shared, Request::Pause, None);
+        self.kick_all();
+    }
+
+    /// Waits until every vCPU is parked (or gone), until `deadline` if one
+    /// is given; returns whether they all are.
+    fn wait_parked(&self, deadline: Option<std::time::Instant>) -> bool {
         let mut c = lock(&self.shared.control);
         while c.parked + c.exited < self.len() {
-            c = self
-                .shared
-                .changed
-                .wait(c)
-                .unwrap_or_else(|e| e.into_inner());
+            let wait = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return false,
+                },
+            };
+            c = match wait {
+                None => self
+                    .shared
+                    .changed
+                    .wait(c)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(left) => {
+                    self.shared
+                        .changed
+                        .wait_timeout(c, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
+        true
     }
 
     /// Lets every parked vCPU run again.

@@ -161,11 +161,10 @@ pub fn switch_over_postcopy<V: SourceVm>(
         "post-copy: {pushed} pages pushed in {:.1} ms",
         push_started.elapsed().as_secs_f64() * 1e3
     );
-    let (mode, mut rounds, stop_rule) = match pre {
+    let (mode, rounds, stop_rule) = match pre {
         Some(p) => ("hybrid", p.rounds, p.stop_rule),
         None => ("post", Vec::new(), "none"),
     };
-    rounds.iter_mut().for_each(|r| r.paused = false);
     Ok(Report {
         mode: mode.into(),
         downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,

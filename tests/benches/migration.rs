@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use migration::auth::Secret;
 use migration::codec::Compression;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tests::{free_port, migrate, scratch, secret_file, Receiver, VmmProcess};
 use vmm::migrate::Incoming;
 use vmm::{Machine, MachineConfig, RunOptions, Workload};
@@ -212,7 +212,6 @@ fn against_dirty_rate() {
             r["bytes_wire"].as_f64().unwrap() / 1e6
         );
     }
-    let _ = json!(null);
 }
 
 fn main() {

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{boot, cpuid};
 use crate::config::{ConfigError, MachineConfig};
-use crate::devices::serial::{self, ConsoleSink, Snapshot};
+use crate::devices::serial::{self, ConsoleSink};
 use crate::devices::{Devices, DevicesState, EventFdTrigger, Probe};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{msr_save_list, Vcpu, VcpuError, VcpuState};
@@ -182,7 +182,6 @@ impl PreparedMachine {
 #[derive(Debug)]
 pub struct Machine {
     config: MachineConfig,
-    kvm: Kvm,
     vm: Arc<Vm>,
     devices: Arc<Devices>,
     vcpus: VcpuSet,
@@ -299,7 +298,6 @@ impl Machine {
         .map_err(|e| MachineError::Io("starting vCPU threads", e))?;
         Ok(Self {
             config,
-            kvm: p.kvm,
             vm: p.vm,
             devices,
             vcpus,
@@ -511,16 +509,6 @@ impl Machine {
     /// Stops the vCPU threads.
     pub fn shutdown(self) {
         self.vcpus.shutdown();
-    }
-
-    /// The KVM handle.
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
-    }
-
-    /// Serial device snapshot (for inspection).
-    pub fn serial_snapshot(&self) -> serial::SerialSnapshot {
-        crate::devices::lock(&self.devices.serial).snapshot()
     }
 }
 

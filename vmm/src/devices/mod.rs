@@ -37,13 +37,6 @@ impl vm_superio::Trigger for EventFdTrigger {
     }
 }
 
-impl EventFdTrigger {
-    /// A second handle on the same eventfd.
-    pub fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(Self(self.0.try_clone()?))
-    }
-}
-
 /// Saved state of every device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesState {

@@ -474,3 +474,52 @@ pub fn assert_guest_lives_on(dst: &Receiver, vcpus: u8, before: &Value) {
         "{v}"
     );
 }
+
+/// Boots a source (`vcpus`, `mem`, `workload`), migrates it with `--verify`
+/// and `extra` to a fresh `vmm receive` on loopback, and checks what every
+/// verified migration must show: success, no mismatched page, every page of
+/// RAM checked, the guest's own check passed, the source gone cleanly, the
+/// guest alive on the destination. Returns the report and the source's
+/// state before the migration.
+pub fn verified_migration(
+    name: &str,
+    vcpus: u8,
+    mem: &str,
+    workload: &str,
+    extra: &[&str],
+) -> (Value, Value) {
+    let dir = scratch(name);
+    let secret = secret_file(&dir, "secret", "correct horse battery staple");
+    let vcpus_s = vcpus.to_string();
+    let src = VmmProcess::start(
+        &dir.join("src.sock"),
+        &["--memory", mem, "--vcpus", &vcpus_s, "--workload", workload],
+    );
+    src.wait_running(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = src.state();
+    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let mut args = vec!["--verify"];
+    args.extend_from_slice(extra);
+    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &args);
+    assert!(
+        ok,
+        "migration failed: {err}\ndestination: {}",
+        dst.stderr_text()
+    );
+    let ram_pages = parse_mem(mem) / 4096;
+    assert_eq!(report["mismatched_pages"], json!(0), "{report}");
+    assert_eq!(
+        report["pages_verified"],
+        json!(ram_pages),
+        "every page of RAM is checked: {report}"
+    );
+    assert_eq!(report["guest_verified"], json!(true), "{report}");
+    // The source process ends: its guest lives on the destination now.
+    let (code, _, err) = src.quit();
+    assert_eq!(code, 0, "source: {err}");
+    assert_guest_lives_on(&dst, vcpus, &before);
+    drop(dst);
+    let _ = std::fs::remove_dir_all(dir);
+    (report, before)
+}

@@ -2,10 +2,8 @@
 //! memory verified page by page, heartbeats continue, the timer fires, the
 //! FPU is intact; every stop rule is exercised and reported.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use tests::{free_port, migrate, require_kvm, scratch, secret_file, Receiver, VmmProcess};
+use tests::require_kvm;
 
 struct Outcome {
     report: Value,
@@ -15,31 +13,7 @@ struct Outcome {
 /// Boots a source with `workload`, migrates it with `extra` options, and
 /// checks the guest on the destination.
 fn migrate_and_check(name: &str, vcpus: u8, mem: &str, workload: &str, extra: &[&str]) -> Outcome {
-    let dir = scratch(name);
-    let secret = secret_file(&dir, "secret", "correct horse battery staple");
-    let vcpus_s = vcpus.to_string();
-    let src = VmmProcess::start(
-        &dir.join("src.sock"),
-        &["--memory", mem, "--vcpus", &vcpus_s, "--workload", workload],
-    );
-    src.wait_running(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(300));
-    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let before = src.state();
-    let mut args = vec!["--verify"];
-    args.extend_from_slice(extra);
-    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &args);
-    assert!(
-        ok,
-        "migration failed: {err}\ndestination: {}",
-        dst.stderr_text()
-    );
-
-    // The report: every page verified, the guest checked itself.
-    let ram_pages = tests::parse_mem(mem) / 4096;
-    assert_eq!(report["mismatched_pages"], json!(0), "{report}");
-    assert_eq!(report["pages_verified"], json!(ram_pages), "{report}");
-    assert_eq!(report["guest_verified"], json!(true), "{report}");
+    let (report, before) = tests::verified_migration(name, vcpus, mem, workload, extra);
     for key in ["total_time_ms", "downtime_ms", "guest_downtime_ms"] {
         assert!(
             report[key].as_f64().is_some_and(|v| v > 0.0),
@@ -47,15 +21,6 @@ fn migrate_and_check(name: &str, vcpus: u8, mem: &str, workload: &str, extra: &[
         );
     }
     assert!(report["bytes_wire"].as_u64() > Some(0) && report["bytes_raw"].as_u64() > Some(0));
-
-    // The source process ends: its guest lives on the destination now.
-    let (code, _, err) = src.quit();
-    assert_eq!(code, 0, "source: {err}");
-
-    // On the destination the guest keeps running: heartbeats continue from
-    // where they were, the timer fires, the FPU is intact.
-    tests::assert_guest_lives_on(&dst, vcpus, &before);
-    let _ = std::fs::remove_dir_all(dir);
     Outcome { report, before }
 }
 

@@ -10,41 +10,13 @@ use serde_json::{json, Value};
 use tests::{free_port, migrate, require_kvm, scratch, secret_file, Receiver, VmmProcess};
 
 fn run(name: &str, vcpus: u8, workload: &str, extra: &[&str]) -> Value {
-    let dir = scratch(name);
-    let secret = secret_file(&dir, "secret", "post-copy test secret 123");
-    let v = vcpus.to_string();
-    let src = VmmProcess::start(
-        &dir.join("src.sock"),
-        &["--memory", "256M", "--vcpus", &v, "--workload", workload],
-    );
-    src.wait_running(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(300));
-    let before = src.state();
-    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let mut args = vec!["--verify"];
-    args.extend_from_slice(extra);
-    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &args);
-    assert!(
-        ok,
-        "migration failed: {err}\ndestination: {}",
-        dst.stderr_text()
-    );
-    assert_eq!(report["mismatched_pages"], json!(0), "{report}");
-    assert_eq!(
-        report["pages_verified"],
-        json!(65536),
-        "every page of RAM is checked: {report}"
-    );
-    assert_eq!(report["guest_verified"], json!(true), "{report}");
+    let (report, _) = tests::verified_migration(name, vcpus, "256M", workload, extra);
     if report["mode"] != json!("pre") {
         assert!(
             report["postcopy"].is_object(),
             "no post-copy statistics: {report}"
         );
     }
-    src.quit();
-    tests::assert_guest_lives_on(&dst, vcpus, &before);
-    let _ = std::fs::remove_dir_all(dir);
     report
 }
 

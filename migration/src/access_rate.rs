@@ -67,19 +67,6 @@ fn zap(addr: u64) {
     }
 }
 
-/// w: pages dirtied per second, the dirty log read every round.
-pub fn measure_writes<V: SourceVm>(vm: &V, window: Duration) -> Result<f64, BoxError> {
-    vm.start_dirty_log()?;
-    let started = Instant::now();
-    let mut written = 0;
-    while started.elapsed() < window {
-        std::thread::sleep(ROUND);
-        written += count(&vm.take_dirty_bitmap()?);
-    }
-    vm.stop_dirty_log()?;
-    Ok(written as f64 / started.elapsed().as_secs_f64())
-}
-
 /// Measures r and w in one window of `window`, sampling about
 /// `max_samples` pages: every round the sampled pages are re-armed and the
 /// dirty log is read. The dirty log of the *unsampled* pages gives w (scaled
@@ -92,12 +79,7 @@ pub fn measure<V: SourceVm>(
     max_samples: u64,
 ) -> Result<AccessRates, BoxError> {
     let mappings = vm.ram_mappings()?;
-    let host = |off: u64| {
-        mappings
-            .iter()
-            .find(|(o, _, l)| (*o..o + l).contains(&off))
-            .map(|(o, h, _)| h + (off - o))
-    };
+    let host = |off: u64| crate::endpoint::host_address(&mappings, off);
     let ranges = vm.populated_ranges()?;
     let populated: u64 = ranges.iter().map(|r| r.1 / PAGE as u64).sum();
     let stride = populated.div_ceil(max_samples.max(1)).max(2);

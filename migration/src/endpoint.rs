@@ -72,6 +72,15 @@ pub trait DestinationVm {
     fn into_running(self) -> Option<Self::Running>;
 }
 
+/// Host address of RAM offset `ram_offset` in `mappings` (as returned by
+/// `ram_mappings`: `(ram_offset, host_address, len)` each).
+pub fn host_address(mappings: &[(u64, u64, u64)], ram_offset: u64) -> Option<u64> {
+    mappings
+        .iter()
+        .find(|(o, _, l)| (*o..o + l).contains(&ram_offset))
+        .map(|(o, h, _)| h + (ram_offset - o))
+}
+
 /// What the guest itself saw across the switch-over.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct GuestView {

@@ -218,11 +218,7 @@ impl DestShared {
     }
 
     fn host_addr(&self, page: u64) -> Option<u64> {
-        let off = page * PAGE as u64;
-        self.mappings
-            .iter()
-            .find(|(o, _, l)| (*o..o + l).contains(&off))
-            .map(|(o, h, _)| h + (off - o))
+        crate::endpoint::host_address(&self.mappings, page * PAGE as u64)
     }
 
     fn page_of(&self, addr: u64) -> Option<u64> {

@@ -13,7 +13,7 @@
 //! eighth, and after failures the encoder backs off (tries 1 page in up to
 //! 64), so incompressible memory costs almost no compression time.
 
-use crate::protocol::{malformed, Cursor, ProtocolError};
+use crate::protocol::{frame_header, malformed, Cursor, Kind, ProtocolError, HEADER_LEN};
 
 /// Page size on the wire.
 pub const PAGE: usize = 4096;
@@ -73,10 +73,15 @@ pub fn is_zero(page: &[u8]) -> bool {
         && words.iter().fold(0, |a, w| a | w) == 0
 }
 
-/// Builds one `Pages` payload.
+/// Builds one `Pages` frame in place: the buffer starts with room for the
+/// frame header, so a finished batch goes to the socket in one write; pages
+/// are copied from guest memory straight into their slot (one copy from the
+/// guest to the wire), and the buffer is reused batch after batch.
 #[derive(Debug)]
 pub struct BatchEncoder {
+    /// Sized once for a full batch; `used` bytes of it are the frame.
     buf: Vec<u8>,
+    used: usize,
     count: u32,
     mode: Compression,
     skip: u32,
@@ -85,13 +90,15 @@ pub struct BatchEncoder {
     pub stats: EncodeStats,
 }
 
+/// Where a batch's payload starts: after the frame header and the count.
+const FIRST_ENTRY: usize = HEADER_LEN + 4;
+
 impl BatchEncoder {
     /// An empty batch.
     pub fn new(mode: Compression) -> Self {
-        let mut buf = Vec::with_capacity(4 + BATCH_PAGES * (PAGE + ENTRY_HEADER));
-        buf.extend_from_slice(&0u32.to_le_bytes());
         Self {
-            buf,
+            buf: vec![0u8; FIRST_ENTRY + BATCH_PAGES * (ENTRY_HEADER + PAGE)],
+            used: FIRST_ENTRY,
             count: 0,
             mode,
             skip: 0,
@@ -130,41 +137,71 @@ impl BatchEncoder {
 
     /// Adds page number `page_no` with contents `data` (4096 bytes).
     pub fn push(&mut self, page_no: u64, data: &[u8]) {
-        debug_assert_eq!(data.len(), PAGE);
+        let copied: Result<(), std::convert::Infallible> = self.push_from(page_no, |slot| {
+            slot.copy_from_slice(data);
+            Ok(())
+        });
+        let Ok(()) = copied;
+    }
+
+    /// Adds page number `page_no`, whose 4096 bytes `fill` copies into the
+    /// batch; then encodes it in place (zero flag, lz4 or raw). The batch
+    /// must not be full.
+    pub fn push_from<E>(
+        &mut self,
+        page_no: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        assert!(!self.is_full(), "push into a full batch");
+        let at = self.used;
+        let body = at + ENTRY_HEADER;
+        fill(&mut self.buf[body..body + PAGE])?;
+        self.buf[at..at + 8].copy_from_slice(&page_no.to_le_bytes());
         self.count += 1;
         self.stats.pages += 1;
         self.stats.bytes_raw += PAGE as u64;
-        self.buf.extend_from_slice(&page_no.to_le_bytes());
-        if is_zero(data) {
-            self.buf.push(ZERO);
+        if is_zero(&self.buf[body..body + PAGE]) {
+            self.buf[at + 8] = ZERO;
+            self.used = body;
             self.stats.zero_pages += 1;
-            return;
+            return Ok(());
         }
         if self.try_compress() {
             self.stats.lz4_attempts += 1;
-            let n = lz4_flex::block::compress_into(data, &mut self.scratch).unwrap_or(PAGE);
+            let page = &self.buf[body..body + PAGE];
+            let n = lz4_flex::block::compress_into(page, &mut self.scratch).unwrap_or(PAGE);
             if n <= PAGE - PAGE / 8 {
-                self.buf.push(LZ4);
-                self.buf.extend_from_slice(&(n as u16).to_le_bytes());
-                self.buf.extend_from_slice(&self.scratch[..n]);
+                self.buf[at + 8] = LZ4;
+                self.buf[body..body + 2].copy_from_slice(&(n as u16).to_le_bytes());
+                self.buf[body + 2..body + 2 + n].copy_from_slice(&self.scratch[..n]);
+                self.used = body + 2 + n;
                 self.stats.lz4_pages += 1;
                 self.failures = 0;
-                return;
+                return Ok(());
             }
             self.failures = (self.failures + 1).min(6);
             self.skip = 1 << self.failures; // back off: 2, 4, ... 64 pages
         }
-        self.buf.push(RAW);
-        self.buf.extend_from_slice(data);
+        self.buf[at + 8] = RAW;
+        self.used = body + PAGE;
+        Ok(())
     }
 
-    /// The finished payload; the encoder is reset for the next batch.
-    pub fn take(&mut self) -> Vec<u8> {
-        self.buf[0..4].copy_from_slice(&self.count.to_le_bytes());
+    /// The finished `Pages` frame, header included; [`Self::clear`] starts
+    /// the next batch.
+    pub fn frame(&mut self) -> &[u8] {
+        let count = self.count.to_le_bytes();
+        self.buf[HEADER_LEN..FIRST_ENTRY].copy_from_slice(&count);
+        let header = frame_header(Kind::Pages, &[&self.buf[HEADER_LEN..self.used]])
+            .expect("a batch is far below the frame limit");
+        self.buf[..HEADER_LEN].copy_from_slice(&header);
+        &self.buf[..self.used]
+    }
+
+    /// Empties the batch, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.used = FIRST_ENTRY;
         self.count = 0;
-        let mut next = Vec::with_capacity(self.buf.capacity());
-        next.extend_from_slice(&0u32.to_le_bytes());
-        std::mem::replace(&mut self.buf, next)
     }
 }
 
@@ -257,7 +294,7 @@ mod tests {
         e.push(2, &text);
         e.push(3, &noise);
         let s = e.stats;
-        let p = e.take();
+        let p = e.frame()[HEADER_LEN..].to_vec();
         assert_eq!((s.pages, s.zero_pages, s.lz4_pages), (3, 1, 1));
         assert!(
             p.len() < 4 + 3 * ENTRY_HEADER + PAGE + PAGE / 2,
@@ -270,7 +307,7 @@ mod tests {
     fn hostile_batches_are_rejected() {
         let mut e = BatchEncoder::new(Compression::None);
         e.push(5, &[1u8; PAGE]);
-        let good = e.take();
+        let good = e.frame()[HEADER_LEN..].to_vec();
         // page beyond RAM
         let mut bad = good.clone();
         bad[4..12].copy_from_slice(&5000u64.to_le_bytes());

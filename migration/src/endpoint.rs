@@ -40,6 +40,15 @@ pub trait DestinationVm {
     type Running;
     /// Creates empty RAM for a machine described by `config`.
     fn prepare(&mut self, config: &[u8], ram_size: u64) -> Result<(), BoxError>;
+    /// Pre-copy, before `Ready`: RAM `[offset, offset + len)` is populated on
+    /// the source and round 0 is about to fill it. A destination may
+    /// allocate and touch it now (`vmm receive --prefault`), so that the
+    /// first write of each page does not pay for it in the stream; by
+    /// default nothing happens.
+    fn prefault(&mut self, offset: u64, len: u64) -> Result<(), BoxError> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Writes received bytes at RAM `offset`.
     fn write_ram(&mut self, offset: u64, data: &[u8]) -> Result<(), BoxError>;
     /// Copies RAM at `offset` into `buf` (for verification).

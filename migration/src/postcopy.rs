@@ -20,6 +20,7 @@
 //! unregisters the userfaultfd and reports (`PostcopyComplete`).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,7 +77,6 @@ pub fn serve_faults<V: SourceVm>(vm: &V, stream: TcpStream, shared: &SourceShare
     let mut r = &stream;
     let mut w = &stream;
     let mut enc = BatchEncoder::new(Compression::None);
-    let mut page = vec![0u8; PAGE];
     loop {
         let frame = match read_frame(&mut r) {
             Ok(f) => f,
@@ -87,19 +87,25 @@ pub fn serve_faults<V: SourceVm>(vm: &V, stream: TcpStream, shared: &SourceShare
         }
         let mut c = Cursor::new(&frame.payload, "PageRequest");
         let Ok(p) = c.u64() else { return };
-        if p >= ram_pages || vm.read_ram(p * PAGE as u64, &mut page).is_err() {
+        if p >= ram_pages
+            || enc
+                .push_from(p, |slot| vm.read_ram(p * PAGE as u64, slot))
+                .is_err()
+        {
             return;
         }
         shared.last_request.store(p + 1, Ordering::Release);
-        enc.push(p, &page);
-        let payload = enc.take();
-        if write_frame(&mut w, Kind::Pages, &payload).is_err() {
+        // One write, one segment: the faulting vCPU waits for it.
+        let frame = enc.frame();
+        if w.write_all(frame).is_err() {
             return;
         }
         shared.pulled_pages.fetch_add(1, Ordering::Relaxed);
-        shared
-            .pulled_bytes
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        shared.pulled_bytes.fetch_add(
+            (frame.len() - crate::protocol::HEADER_LEN) as u64,
+            Ordering::Relaxed,
+        );
+        enc.clear();
     }
 }
 

@@ -56,6 +56,36 @@ pub fn runs(bitmap: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
     })
 }
 
+/// The RAM the guest ever wrote, as page runs (memfd holes are left out).
+pub fn populated_pages<V: SourceVm>(vm: &V) -> Result<Vec<(u64, u64)>, MigrationError> {
+    Ok(vm
+        .populated_ranges()
+        .map_err(vm_err("find populated memory"))?
+        .into_iter()
+        .map(|(off, len)| (off / PAGE as u64, len.div_ceil(PAGE as u64)))
+        .collect())
+}
+
+/// At most `max` runs covering `runs`: runs separated by gaps smaller than
+/// a limit are merged, the limit doubling until they fit. Exact when `runs`
+/// already fit; otherwise covers a few pages more (fine for a hint).
+pub fn coarsen(runs: &[(u64, u64)], max: usize) -> Vec<(u64, u64)> {
+    let mut gap = 0u64;
+    loop {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(f, n) in runs {
+            match out.last_mut() {
+                Some((lf, ln)) if f <= *lf + *ln + gap => *ln = (f + n).max(*lf + *ln) - *lf,
+                _ => out.push((f, n)),
+            }
+        }
+        if out.len() <= max {
+            return out;
+        }
+        gap = (gap * 2).max(1);
+    }
+}
+
 /// Number of set bits.
 pub fn count(bitmap: &[u64]) -> u64 {
     bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -140,12 +170,7 @@ pub fn run_rounds<V: SourceVm>(
 ) -> Result<PrecopyOutcome, MigrationError> {
     s.vm.start_dirty_log()
         .map_err(vm_err("start dirty logging"))?;
-    let populated: Vec<(u64, u64)> =
-        s.vm.populated_ranges()
-            .map_err(vm_err("find populated memory"))?
-            .into_iter()
-            .map(|(off, len)| (off / PAGE as u64, len.div_ceil(PAGE as u64)))
-            .collect();
+    let populated = populated_pages(s.vm)?;
     let words = (s.vm.ram_size() / PAGE as u64).div_ceil(64) as usize;
     let (mut page_runs, mask) = match share {
         Some(bytes) => {
@@ -219,5 +244,14 @@ mod tests {
         assert_eq!(r, vec![(1, 2), (5, 3), (127, 2)]);
         assert_eq!(count(&bm), 7);
         assert_eq!(runs(&[0, 0]).count(), 0);
+    }
+
+    #[test]
+    fn coarsened_runs_cover_the_originals() {
+        let r = [(0, 2), (3, 1), (10, 5), (40, 1)];
+        assert_eq!(coarsen(&r, 4), r.to_vec());
+        assert_eq!(coarsen(&r, 3), vec![(0, 4), (10, 5), (40, 1)]);
+        assert_eq!(coarsen(&r, 1), vec![(0, 41)]);
+        assert!(coarsen(&[], 1).is_empty());
     }
 }

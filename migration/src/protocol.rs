@@ -7,7 +7,8 @@
 //!    │◀──────────── Challenge {version, nonce_d, mac_d} ─│  mac_d = HMAC(secret, "dst"‖nonce_s‖nonce_d)
 //!    │── Proof {mac_s} ─────────────────────────────────▶│  mac_s = HMAC(secret, "src"‖nonce_d‖nonce_s)
 //!    │◀────────────────────────────────────── Accepted ──│  (nothing else is accepted before this)
-//!    │── Config {machine config, RAM size, post-copy?} ─▶│  destination creates RAM, VM, vCPUs
+//!    │── Config {RAM size, post-copy?, populated runs,   │  destination creates RAM, VM, vCPUs
+//!    │           machine config} ───────────────────────▶│  (with --prefault: touches the populated RAM)
 //!    │   (post-copy/hybrid: second connection, same handshake, FaultChannel)
 //!    │◀───────────────────────────────────────── Ready ──│
 //!    │── Pages … Pages ─ RoundEnd {0} ──────────────────▶│  round 0: all populated memory
@@ -56,7 +57,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Frame magic, "LMIG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// Largest payload accepted: a page batch or a state blob fits well inside.
@@ -228,6 +229,15 @@ pub fn write_frame_parts(
     kind: Kind,
     parts: &[&[u8]],
 ) -> Result<(), ProtocolError> {
+    w.write_all(&frame_header(kind, parts)?)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
+}
+
+/// The header of a frame whose payload is the concatenation of `parts`.
+pub fn frame_header(kind: Kind, parts: &[&[u8]]) -> Result<[u8; HEADER_LEN], ProtocolError> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > MAX_PAYLOAD as usize {
         return Err(ProtocolError::TooLong(len as u32));
@@ -243,11 +253,7 @@ pub fn write_frame_parts(
     header[4] = kind as u8;
     header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
     header[12..16].copy_from_slice(&h.finalize().to_le_bytes());
-    w.write_all(&header)?;
-    for p in parts {
-        w.write_all(p)?;
-    }
-    Ok(())
+    Ok(header)
 }
 
 /// Reads and checks one frame (magic, kind, length bound, CRC).
@@ -377,25 +383,55 @@ pub fn decode_round_end(p: &[u8]) -> Result<u32, ProtocolError> {
 
 /// `Config` payload: RAM size, whether a post-copy phase follows (then a
 /// second, fault connection comes), and the machine configuration (JSON,
-/// opaque to this crate).
-pub fn encode_config(ram_size: u64, postcopy: bool, config: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + config.len());
-    v.extend_from_slice(&ram_size.to_le_bytes());
+/// A decoded `Config` message.
+#[derive(Debug)]
+pub struct ConfigMsg<'a> {
+    /// Bytes of guest RAM (a non-zero multiple of the page size).
+    pub ram_size: u64,
+    /// Whether a fault connection follows (post-copy or hybrid).
+    pub postcopy: bool,
+    /// The source's populated RAM as page runs: what round 0 will send, so
+    /// that a destination may allocate it ahead (a hint, possibly coarser).
+    pub populated: Vec<(u64, u64)>,
+    /// The machine configuration, opaque to the engine.
+    pub machine: &'a [u8],
+}
+
+/// Encodes a `Config` payload: RAM size (u64), post-copy flag (u8),
+/// populated page runs (as [`encode_runs`]), machine configuration.
+pub fn encode_config(
+    ram_size: u64,
+    postcopy: bool,
+    populated: &[(u64, u64)],
+    machine: &[u8],
+) -> Vec<u8> {
+    let mut v = ram_size.to_le_bytes().to_vec();
     v.push(u8::from(postcopy));
-    v.extend_from_slice(config);
+    v.extend_from_slice(&encode_runs(populated));
+    v.extend_from_slice(machine);
     v
 }
 
-/// Decodes a `Config` payload.
-pub fn decode_config(p: &[u8]) -> Result<(u64, bool, &[u8]), ProtocolError> {
+/// Decodes a `Config` payload; the RAM size and every run are checked.
+pub fn decode_config(p: &[u8]) -> Result<ConfigMsg<'_>, ProtocolError> {
     let mut c = Cursor::new(p, "Config");
-    let size = c.u64()?;
+    let ram_size = c.u64()?;
+    if ram_size == 0 || ram_size % crate::codec::PAGE as u64 != 0 {
+        return Err(malformed("Config", format!("RAM size {ram_size}")));
+    }
     let postcopy = match c.u8()? {
         0 => false,
         1 => true,
         x => return Err(malformed("Config", format!("post-copy flag {x}"))),
     };
-    Ok((size, postcopy, c.take(c.remaining())?))
+    let populated = read_runs(&mut c, ram_size / crate::codec::PAGE as u64)?;
+    let machine = c.take(c.remaining())?;
+    Ok(ConfigMsg {
+        ram_size,
+        postcopy,
+        populated,
+        machine,
+    })
 }
 
 /// A list of page runs `(first, count)`: count (u32), then pairs of u64.
@@ -412,6 +448,14 @@ pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
 /// Decodes page runs, each checked to lie below `ram_pages`.
 pub fn decode_runs(p: &[u8], ram_pages: u64) -> Result<Vec<(u64, u64)>, ProtocolError> {
     let mut c = Cursor::new(p, "page runs");
+    let runs = read_runs(&mut c, ram_pages)?;
+    c.finish()?;
+    Ok(runs)
+}
+
+/// Reads page runs from `c` (count bounded by the bytes left before
+/// anything is allocated), each checked to lie below `ram_pages`.
+fn read_runs(c: &mut Cursor<'_>, ram_pages: u64) -> Result<Vec<(u64, u64)>, ProtocolError> {
     let n = c.u32()? as usize;
     if n > c.remaining() / 16 {
         return Err(malformed(
@@ -427,7 +471,6 @@ pub fn decode_runs(p: &[u8], ram_pages: u64) -> Result<Vec<(u64, u64)>, Protocol
         }
         runs.push((f, k));
     }
-    c.finish()?;
     Ok(runs)
 }
 
@@ -486,5 +529,25 @@ mod tests {
         assert!(c.u64().is_err());
         assert!(decode_round_end(&[1, 2]).is_err());
         assert!(decode_config(&[0; 4]).is_err());
+    }
+
+    #[test]
+    fn config_round_trips_and_checks_its_runs() {
+        let runs = [(0, 16), (100, 4)];
+        let p = encode_config(1 << 20, true, &runs, b"{}");
+        let c = decode_config(&p).unwrap();
+        assert_eq!(
+            (c.ram_size, c.postcopy, &c.populated[..], c.machine),
+            (1 << 20, true, &runs[..], &b"{}"[..])
+        );
+        // A run beyond the announced RAM (256 pages), or a RAM size that is
+        // not a whole number of pages, is refused.
+        assert!(decode_config(&encode_config(1 << 20, false, &[(250, 7)], b"")).is_err());
+        assert!(decode_config(&encode_config(4097, false, &[], b"")).is_err());
+        // A run count larger than the bytes that follow is refused before
+        // anything is allocated.
+        let mut p = encode_config(1 << 20, false, &[], b"");
+        p[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_config(&p).is_err());
     }
 }

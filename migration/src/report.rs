@@ -78,6 +78,10 @@ pub struct Report {
     pub stop_rule: String,
     pub bytes_raw: u64,
     pub bytes_wire: u64,
+    /// Time the destination spent touching RAM ahead of round 0, before it
+    /// answered `Ready` (0 unless it runs with `--prefault`); part of
+    /// `total_time_ms`.
+    pub prefault_ms: f64,
     pub pages_verified: u64,
     pub mismatched_pages: u64,
     /// The guest's own check of its memory and FPU (with `--verify`).
@@ -94,6 +98,9 @@ pub struct Report {
 /// What the destination tells the source in `Resumed`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ResumedInfo {
+    /// Touching RAM ahead of round 0 (`--prefault`), before `Ready`.
+    #[serde(default)]
+    pub prefault_ms: f64,
     pub restore_ms: f64,
     pub resume_ms: f64,
     pub verify_ms: f64,

@@ -151,12 +151,11 @@ pub struct PageSender<'a, V: SourceVm> {
     pub out: Counting<BufWriter<TcpStream>>,
     pub enc: BatchEncoder,
     limiter: Option<TokenBucket>,
-    buf: Vec<u8>,
     pub progress: ProgressHandle,
 }
 
-/// Pages per read from the VM.
-const READ_PAGES: u64 = 256;
+/// Pages between progress updates.
+const PROGRESS_PAGES: u64 = 256;
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
     fn new(vm: &'a V, stream: TcpStream, opts: &Options, progress: ProgressHandle) -> Self {
@@ -168,32 +167,30 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
             },
             enc: BatchEncoder::new(opts.compression),
             limiter: opts.bandwidth.map(TokenBucket::new),
-            buf: vec![0u8; (READ_PAGES as usize) * PAGE],
             progress,
         }
     }
 
-    /// Sends pages `[first, first + n)`.
+    /// Sends pages `[first, first + n)`, each copied from guest memory
+    /// straight into the batch.
     pub fn send_run(&mut self, first: u64, n: u64) -> Result<(), MigrationError> {
-        let mut p = first;
-        while p < first + n {
-            let k = (first + n - p).min(READ_PAGES);
-            let bytes = &mut self.buf[..(k as usize) * PAGE];
-            self.vm
-                .read_ram(p * PAGE as u64, bytes)
+        let vm = self.vm;
+        let mut reported = 0;
+        for p in first..first + n {
+            self.enc
+                .push_from(p, |slot| vm.read_ram(p * PAGE as u64, slot))
                 .map_err(vm_err("read RAM"))?;
-            for i in 0..k as usize {
-                self.enc
-                    .push(p + i as u64, &self.buf[i * PAGE..(i + 1) * PAGE]);
-                if self.enc.is_full() {
-                    self.flush_batch()?;
-                }
+            if self.enc.is_full() {
+                self.flush_batch()?;
             }
-            p += k;
-            set_progress(&self.progress, |pr| {
-                pr.round_pages_sent += k;
-                pr.bytes_wire = self.out.bytes;
-            });
+            let done = p + 1 - first;
+            if done.is_multiple_of(PROGRESS_PAGES) || done == n {
+                set_progress(&self.progress, |pr| {
+                    pr.round_pages_sent += done - reported;
+                    pr.bytes_wire = self.out.bytes;
+                });
+                reported = done;
+            }
         }
         Ok(())
     }
@@ -203,11 +200,14 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         if self.enc.is_empty() {
             return Ok(());
         }
-        let payload = self.enc.take();
+        let frame = self.enc.frame();
         if let Some(l) = &mut self.limiter {
-            l.consume(payload.len() + protocol::HEADER_LEN);
+            l.consume(frame.len());
         }
-        write_frame(&mut self.out, Kind::Pages, &payload)?;
+        // One write for header and payload: a full batch is larger than the
+        // BufWriter's buffer, so it goes to the socket without a copy.
+        self.out.write_all(frame).map_err(ProtocolError::Io)?;
+        self.enc.clear();
         Ok(())
     }
 
@@ -232,6 +232,9 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
     }
 }
 
+/// Most runs in `Config`'s populated-memory hint (1 MiB of payload).
+const MAX_HINT_RUNS: usize = 1 << 16;
+
 /// Migrates `vm` live to `addr` with pre-copy and stop-and-copy.
 ///
 /// On success the source VM is left paused (the caller exits); on failure it
@@ -254,10 +257,12 @@ pub fn migrate<V: SourceVm>(
     let config = vm.config_blob().map_err(vm_err("read config"))?;
     // A planner may choose post-copy, so the fault connection is opened.
     let postcopy = opts.mode != Mode::Pre || opts.planner.is_some();
+    // What round 0 will send, so that the destination may allocate it ahead.
+    let populated = precopy::coarsen(&precopy::populated_pages(vm)?, MAX_HINT_RUNS);
     write_frame(
         &mut stream,
         Kind::Config,
-        &protocol::encode_config(vm.ram_size(), postcopy, &config),
+        &protocol::encode_config(vm.ram_size(), postcopy, &populated, &config),
     )?;
     stream.flush().map_err(ProtocolError::Io)?;
     // Post-copy's demand requests get a connection of their own, so that a

@@ -74,6 +74,7 @@ pub fn switch_over<V: SourceVm>(
         stop_rule: pre.stop_rule.into(),
         bytes_raw: s.enc.stats.bytes_raw,
         bytes_wire: s.out.bytes,
+        prefault_ms: info.prefault_ms,
         pages_verified: info.pages_verified,
         mismatched_pages: info.mismatched_pages,
         guest_verified: info.guest.guest_verified,

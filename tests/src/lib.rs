@@ -230,6 +230,17 @@ impl Receiver {
     /// Starts `vmm receive` on `listen` (`HOST:PORT`), optionally inside a
     /// network namespace, and waits until it listens.
     pub fn start(dir: &Path, listen: &str, secret: &Path, netns: Option<&str>) -> Self {
+        Self::start_with(dir, listen, secret, netns, &[])
+    }
+
+    /// Like [`Receiver::start`], with more `vmm receive` arguments.
+    pub fn start_with(
+        dir: &Path,
+        listen: &str,
+        secret: &Path,
+        netns: Option<&str>,
+        args: &[&str],
+    ) -> Self {
         let socket = dir.join(format!("dst-{}.sock", listen.replace([':', '.'], "_")));
         let addr = format!("tcp:{listen}");
         let mut cmd = match netns {
@@ -245,6 +256,7 @@ impl Receiver {
             .arg(secret)
             .arg("--api-socket")
             .arg(&socket)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -488,6 +500,18 @@ pub fn verified_migration(
     workload: &str,
     extra: &[&str],
 ) -> (Value, Value) {
+    verified_migration_with(name, vcpus, mem, workload, &[], extra)
+}
+
+/// Like [`verified_migration`], with `receiver_args` for `vmm receive`.
+pub fn verified_migration_with(
+    name: &str,
+    vcpus: u8,
+    mem: &str,
+    workload: &str,
+    receiver_args: &[&str],
+    extra: &[&str],
+) -> (Value, Value) {
     let dir = scratch(name);
     let secret = secret_file(&dir, "secret", "correct horse battery staple");
     let vcpus_s = vcpus.to_string();
@@ -498,7 +522,13 @@ pub fn verified_migration(
     src.wait_running(Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
     let before = src.state();
-    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let dst = Receiver::start_with(
+        &dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &secret,
+        None,
+        receiver_args,
+    );
     let mut args = vec!["--verify"];
     args.extend_from_slice(extra);
     let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &args);

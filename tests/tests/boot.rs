@@ -132,7 +132,7 @@ fn dirty_log_reports_every_page_the_guest_wrote() {
         (0..wset_pages)
             .map(|j| {
                 let off = ram.ram_offset_of(abi::wset_page_gpa(j)).unwrap();
-                ram.read_page(off, &mut buf).unwrap();
+                ram.read_ram(off, &mut buf).unwrap();
                 let magic = u64::from_le_bytes(buf[0..8].try_into().unwrap());
                 let gen = u64::from_le_bytes(buf[16..24].try_into().unwrap());
                 (gen, magic != abi::pattern::MAGIC)

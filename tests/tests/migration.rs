@@ -42,6 +42,8 @@ fn idle_guest_one_vcpu() {
         o.report
     );
     assert!(o.before["paused"] == json!(false));
+    // Without --prefault the destination fills memory as pages arrive.
+    assert_eq!(o.report["prefault_ms"], json!(0.0), "{}", o.report);
 }
 
 #[test]
@@ -66,6 +68,26 @@ fn dirtying_guest_one_vcpu_two_rates() {
             o.report
         );
     }
+}
+
+/// `vmm receive --prefault`: the destination touches the RAM the source
+/// announces before round 0 and then writes pages through its mapping;
+/// memory still checks out page by page while the guest keeps dirtying it.
+#[test]
+fn prefaulting_destination() {
+    if !require_kvm() {
+        return;
+    }
+    let (report, _) = tests::verified_migration_with(
+        "prefault",
+        2,
+        "256M",
+        "wset=64M,rate=20000,read=5000,fill=100",
+        &["--prefault"],
+        &[],
+    );
+    assert!(report["prefault_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["rounds"].as_array().unwrap().len() >= 2, "{report}");
 }
 
 #[test]

@@ -65,6 +65,29 @@ fn postcopy_four_vcpus_faulting_at_once_touching_all_memory() {
     assert!(pc["fault_latency_p50_us"].as_f64().unwrap() > 0.0);
 }
 
+/// A destination started with `--prefault` does not prefault for post-copy:
+/// the pages it has not received must stay missing so that the guest
+/// faults on them (a prefaulted page would read as zeros).
+#[test]
+fn postcopy_to_a_prefaulting_destination_still_faults() {
+    if !require_kvm() {
+        return;
+    }
+    let (r, _) = tests::verified_migration_with(
+        "post-prefault",
+        1,
+        "256M",
+        "wset=64M,read=400000",
+        &["--prefault"],
+        &["--mode", "post", "--bandwidth", "200Mbit"],
+    );
+    assert_eq!(r["prefault_ms"], json!(0.0), "{r}");
+    assert!(
+        r["postcopy"]["demand_faults"].as_u64().unwrap() > 100,
+        "{r}"
+    );
+}
+
 #[test]
 fn hybrid_with_a_guest_dirtying_throughout() {
     if !require_kvm() {

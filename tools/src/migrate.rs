@@ -21,6 +21,10 @@ pub struct ReceiveArgs {
     /// File with the shared secret (at least 16 bytes).
     #[arg(long)]
     secret: PathBuf,
+    /// Pre-copy: allocate and touch the RAM the source announces before the
+    /// first round, so that first-touch costs stay out of the page stream.
+    #[arg(long)]
+    prefault: bool,
     #[command(flatten)]
     after: crate::run::AfterStart,
 }
@@ -106,7 +110,7 @@ pub fn receive(args: ReceiveArgs) -> Result<(), String> {
     let opts = RunOptions {
         echo_console: args.after.console,
     };
-    let mut incoming = Incoming::new(opts.clone());
+    let mut incoming = Incoming::new(opts.clone()).with_prefault(args.prefault);
     eprintln!("incoming migration");
     let received = match migration::receive::receive(&listener, &secret, &mut incoming) {
         Ok(r) => r,

@@ -485,7 +485,7 @@ impl Machine {
         for j in 0..pages {
             let gpa = abi::wset_page_gpa(j);
             let off = ram.ram_offset_of(gpa).ok_or(MemoryError::OutOfRange(gpa))?;
-            ram.read_page(off, &mut buf)?;
+            ram.read_ram(off, &mut buf)?;
             let words = page_words(&buf);
             match pattern::check(gpa / PAGE_SIZE, &words, Some(fill)) {
                 pattern::PageCheck::NotPattern => scan.not_pattern += 1,

@@ -57,6 +57,19 @@ pub enum MemoryError {
     },
     #[error("RAM offset {0:#x} is outside guest RAM")]
     OutOfRange(u64),
+    #[error("Failed to punch a hole into guest RAM at offset {offset:#x}")]
+    PunchHole {
+        offset: u64,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("Failed to prefault {len:#x} bytes of guest RAM at offset {offset:#x}")]
+    Prefault {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One contiguous piece of RAM: a KVM memory slot.
@@ -244,17 +257,91 @@ impl GuestRam {
             len as i64,
         )
         .map(|_| ())
-        .map_err(MemoryError::Seek)
+        .map_err(|source| MemoryError::PunchHole { offset, source })
     }
 
-    /// Copies the page at `ram_offset` into `buf` (no dirty marking).
-    pub fn read_page(&self, ram_offset: u64, buf: &mut [u8; 4096]) -> Result<(), MemoryError> {
-        let gpa = self
-            .gpa_of(ram_offset)
-            .ok_or(MemoryError::OutOfRange(ram_offset))?;
-        self.memory
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|source| MemoryError::Access { gpa, source })
+    /// Allocates and touches RAM `[offset, offset + len)` now, as the first
+    /// write to each page would (`MADV_POPULATE_WRITE`: allocate, zero, map;
+    /// pages already present keep their contents). Touching fresh memory is
+    /// the slow part of receiving it on some hosts — here, a nested VM whose
+    /// free memory its own host reclaims (free page reporting) — and this
+    /// moves that cost ahead of the page stream.
+    pub fn prefault(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        let end = offset.saturating_add(len);
+        for (ram_offset, host, size) in self.host_mappings() {
+            let from = offset.max(ram_offset);
+            let to = end.min(ram_offset + size);
+            if from >= to {
+                continue;
+            }
+            let addr = host + (from - ram_offset);
+            // SAFETY: [addr, addr + to - from) lies inside one of our own
+            // RAM mappings (host_mappings), which live as long as `self`;
+            // MADV_POPULATE_WRITE only faults pages in, never changes data.
+            let rc = unsafe {
+                libc::madvise(
+                    addr as *mut libc::c_void,
+                    (to - from) as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(MemoryError::Prefault {
+                    offset: from,
+                    len: to - from,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies RAM at `ram_offset` into `buf` through the mapping (no
+    /// syscall, no dirty marking); a range that spans the MMIO hole is
+    /// split at the region boundary. The guest may be writing the same
+    /// memory: what is copied is some recent state of each byte, which is
+    /// all a pre-copy round needs (the dirty log re-sends what changed).
+    pub fn read_ram(&self, ram_offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = ram_offset + done as u64;
+            let region = self
+                .regions
+                .iter()
+                .find(|r| (r.ram_offset..r.ram_offset + r.size).contains(&off))
+                .ok_or(MemoryError::OutOfRange(off))?;
+            let n = ((region.ram_offset + region.size - off) as usize).min(buf.len() - done);
+            let gpa = region.gpa + (off - region.ram_offset);
+            self.memory
+                .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
+                .map_err(|source| MemoryError::Access { gpa, source })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into RAM at `ram_offset` through the mapping, split at
+    /// region boundaries like [`Self::read_ram`]; the VMM bitmap records it
+    /// dirty. Cheapest where the pages are mapped already (prefaulted);
+    /// elsewhere each first touch is a page fault, and a `pwrite` on the
+    /// memfd is the cheaper way to fill fresh memory.
+    pub fn write_ram(&self, ram_offset: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = ram_offset + done as u64;
+            let region = self
+                .regions
+                .iter()
+                .find(|r| (r.ram_offset..r.ram_offset + r.size).contains(&off))
+                .ok_or(MemoryError::OutOfRange(off))?;
+            let n = ((region.ram_offset + region.size - off) as usize).min(data.len() - done);
+            let gpa = region.gpa + (off - region.ram_offset);
+            self.memory
+                .write_slice(&data[done..done + n], GuestAddress(gpa))
+                .map_err(|source| MemoryError::Access { gpa, source })?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Writes `data` at guest-physical `gpa`; the VMM bitmap records it dirty.

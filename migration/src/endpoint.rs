@@ -49,6 +49,15 @@ pub trait DestinationVm {
         let _ = (offset, len);
         Ok(())
     }
+    /// Pre-copy, before `State`: guest RAM as `(ram_offset, bytes)` slices
+    /// in ascending order, to receive pages straight into (see
+    /// `placement`), or `None` to have them written with `write_ram`. Worth
+    /// offering only where writing through the mapping is cheap (prefaulted
+    /// RAM), and safe only while no vCPU runs and no userfaultfd watches it:
+    /// the engine asks only in a pre-copy migration, before `State`.
+    fn ram_for_placement(&mut self) -> Option<Vec<(u64, &mut [u8])>> {
+        None
+    }
     /// Writes received bytes at RAM `offset`.
     fn write_ram(&mut self, offset: u64, data: &[u8]) -> Result<(), BoxError>;
     /// Copies RAM at `offset` into `buf` (for verification).

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod codec;
 pub mod endpoint;
 pub mod model;
+pub mod placement;
 pub mod postcopy;
 pub mod precopy;
 pub mod protocol;

@@ -20,7 +20,6 @@
 //! unregisters the userfaultfd and reports (`PostcopyComplete`).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,12 +96,12 @@ pub fn serve_faults<V: SourceVm>(vm: &V, stream: TcpStream, shared: &SourceShare
         shared.last_request.store(p + 1, Ordering::Release);
         // One write, one segment: the faulting vCPU waits for it.
         let frame = enc.frame();
-        if w.write_all(frame).is_err() {
+        if crate::protocol::write_all_vectored(&mut w, &frame).is_err() {
             return;
         }
         shared.pulled_pages.fetch_add(1, Ordering::Relaxed);
         shared.pulled_bytes.fetch_add(
-            (frame.len() - crate::protocol::HEADER_LEN) as u64,
+            (frame[0].len() + frame[1].len() - crate::protocol::HEADER_LEN) as u64,
             Ordering::Relaxed,
         );
         enc.clear();

@@ -57,7 +57,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Frame magic, "LMIG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// Largest payload accepted: a page batch or a state blob fits well inside.
@@ -209,14 +209,6 @@ impl Frame {
     }
 }
 
-fn crc(kind: u8, payload: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[kind]);
-    h.update(&(payload.len() as u32).to_le_bytes());
-    h.update(payload);
-    h.finalize()
-}
-
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), ProtocolError> {
     write_frame_parts(w, kind, &[payload])
@@ -232,6 +224,24 @@ pub fn write_frame_parts(
     w.write_all(&frame_header(kind, parts)?)?;
     for p in parts {
         w.write_all(p)?;
+    }
+    Ok(())
+}
+
+/// Writes `parts` one after the other with as few `writev` calls as the
+/// writer allows (one, for a socket that takes it all): a frame in pieces
+/// still leaves as one write, not one segment per piece.
+pub fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut left = &mut slices[..];
+    io::IoSlice::advance_slices(&mut left, 0); // skip leading empty parts
+    while !left.is_empty() {
+        match w.write_vectored(left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -266,14 +276,32 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
 /// Like [`read_frame`], but reads the payload into `payload`, reusing its
 /// allocation (the bulk path: one buffer for every page batch).
 pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, ProtocolError> {
-    let mut header = [0u8; HEADER_LEN];
-    if let Err(e) = r.read_exact(&mut header) {
-        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtocolError::Closed
-        } else {
-            ProtocolError::Io(e)
-        });
+    let header = read_header(r)?;
+    read_payload(r, &header, payload)?;
+    Ok(header.kind)
+}
+
+/// A checked frame header: magic, kind and length bound are verified; the
+/// CRC is verified with the payload.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameHeader {
+    pub kind: Kind,
+    pub len: u32,
+    pub crc: u32,
+}
+
+fn closed_or_io(e: io::Error) -> ProtocolError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ProtocolError::Closed
+    } else {
+        ProtocolError::Io(e)
     }
+}
+
+/// Reads a frame header and checks its magic, kind and length bound.
+pub fn read_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header).map_err(closed_or_io)?;
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     if magic != MAGIC {
         return Err(ProtocolError::BadMagic(magic));
@@ -283,23 +311,41 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
     }
     let kind_raw = header[4];
     let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-    let sum = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
     if len > MAX_PAYLOAD {
         return Err(ProtocolError::TooLong(len));
     }
     let kind = Kind::from_u8(kind_raw).ok_or(ProtocolError::UnknownKind(kind_raw))?;
-    payload.resize(len as usize, 0);
-    r.read_exact(payload).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtocolError::Closed
-        } else {
-            ProtocolError::Io(e)
+    Ok(FrameHeader { kind, len, crc })
+}
+
+/// Reads the payload `header` announces into `payload` and checks its CRC.
+pub fn read_payload(
+    r: &mut impl Read,
+    header: &FrameHeader,
+    payload: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    payload.resize(header.len as usize, 0);
+    r.read_exact(payload).map_err(closed_or_io)?;
+    header.check_crc(&[payload])
+}
+
+impl FrameHeader {
+    /// Checks the CRC against the payload, given as consecutive pieces.
+    pub fn check_crc(&self, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&[self.kind as u8]);
+        h.update(&self.len.to_le_bytes());
+        for p in parts {
+            h.update(p);
         }
-    })?;
-    if crc(kind_raw, payload) != sum {
-        return Err(ProtocolError::BadCrc { kind: kind_raw });
+        if h.finalize() != self.crc {
+            return Err(ProtocolError::BadCrc {
+                kind: self.kind as u8,
+            });
+        }
+        Ok(())
     }
-    Ok(kind)
 }
 
 /// A little cursor for decoding payloads without panicking on short input.

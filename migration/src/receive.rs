@@ -14,6 +14,7 @@ use std::time::Instant;
 use crate::auth::{self, Secret};
 use crate::codec::{decode_batch, PageData, PAGE};
 use crate::endpoint::DestinationVm;
+use crate::placement::{self, Placed};
 use crate::postcopy::{PostcopyDestination, PostcopyStats};
 use crate::protocol::{self, malformed, read_frame, write_frame, Kind, ProtocolError};
 use crate::report::{now_ns, ResumedInfo};
@@ -157,8 +158,30 @@ impl Session<'_> {
         let mut run = PageRun::default();
         let mut pc: Option<PostcopyDestination> = None;
         loop {
-            let kind = protocol::read_frame_into(self.reader, &mut payload)?;
-            self.out.bytes_wire += (payload.len() + protocol::HEADER_LEN) as u64;
+            let header = protocol::read_header(self.reader)?;
+            self.out.bytes_wire += u64::from(header.len) + protocol::HEADER_LEN as u64;
+            let kind = header.kind;
+            let placement = match (kind, state_seen, postcopy) {
+                (Kind::Pages, false, false) => dst.ram_for_placement(),
+                _ => None,
+            };
+            match placement {
+                Some(ram) => {
+                    let placed = placement::receive_in_place(
+                        self.reader,
+                        &header,
+                        ram,
+                        ram_pages,
+                        &mut written,
+                        &mut payload,
+                    )?;
+                    if let Placed::Pages(n) = placed {
+                        self.out.pages += n;
+                        continue;
+                    }
+                }
+                None => protocol::read_payload(self.reader, &header, &mut payload)?,
+            }
             match kind {
                 Kind::Pages if !state_seen => {
                     decode_batch::<MigrationError>(&payload, ram_pages, |page, data| {

@@ -140,6 +140,11 @@ impl<W: Write> Write for Counting<W> {
         self.bytes += n as u64;
         Ok(n)
     }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
@@ -153,9 +158,6 @@ pub struct PageSender<'a, V: SourceVm> {
     limiter: Option<TokenBucket>,
     pub progress: ProgressHandle,
 }
-
-/// Pages between progress updates.
-const PROGRESS_PAGES: u64 = 256;
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
     fn new(vm: &'a V, stream: TcpStream, opts: &Options, progress: ProgressHandle) -> Self {
@@ -171,26 +173,24 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         }
     }
 
-    /// Sends pages `[first, first + n)`, each copied from guest memory
-    /// straight into the batch.
+    /// Sends pages `[first, first + n)`, copied from guest memory straight
+    /// into the batch, as many at a time as it has room for.
     pub fn send_run(&mut self, first: u64, n: u64) -> Result<(), MigrationError> {
         let vm = self.vm;
-        let mut reported = 0;
-        for p in first..first + n {
+        let mut p = first;
+        while p < first + n {
+            let k = (first + n - p).min(self.enc.room() as u64);
             self.enc
-                .push_from(p, |slot| vm.read_ram(p * PAGE as u64, slot))
+                .push_run_from(p, k as usize, |slots| vm.read_ram(p * PAGE as u64, slots))
                 .map_err(vm_err("read RAM"))?;
             if self.enc.is_full() {
                 self.flush_batch()?;
             }
-            let done = p + 1 - first;
-            if done.is_multiple_of(PROGRESS_PAGES) || done == n {
-                set_progress(&self.progress, |pr| {
-                    pr.round_pages_sent += done - reported;
-                    pr.bytes_wire = self.out.bytes;
-                });
-                reported = done;
-            }
+            p += k;
+            set_progress(&self.progress, |pr| {
+                pr.round_pages_sent += k;
+                pr.bytes_wire = self.out.bytes;
+            });
         }
         Ok(())
     }
@@ -202,11 +202,11 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         }
         let frame = self.enc.frame();
         if let Some(l) = &mut self.limiter {
-            l.consume(frame.len());
+            l.consume(frame[0].len() + frame[1].len());
         }
-        // One write for header and payload: a full batch is larger than the
+        // One writev for the whole frame: a full batch is larger than the
         // BufWriter's buffer, so it goes to the socket without a copy.
-        self.out.write_all(frame).map_err(ProtocolError::Io)?;
+        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::Io)?;
         self.enc.clear();
         Ok(())
     }

@@ -137,6 +137,13 @@ fn round0_throughput() {
                 eng.push(e);
                 reference.push(p);
                 ratio.push(e / p);
+                if std::env::var_os("BENCH_VERBOSE").is_some() {
+                    println!(
+                        "  pair: engine {:.0} MB/s, reference {:.0} MB/s",
+                        e / 1e6,
+                        p / 1e6
+                    );
+                }
                 pre.push(prefault_ms);
                 r0 = Some(r);
             }

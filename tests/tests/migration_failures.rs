@@ -150,16 +150,23 @@ fn connection_cut_mid_stream() {
     src.quit();
 }
 
+/// Staged pages (read whole, checked, then written) and pages received in
+/// place (a prefaulted destination checks them where they landed) alike.
 #[test]
 fn corrupted_frame_is_detected() {
     if !require_kvm() {
         return;
     }
-    let dir = scratch("corrupt");
+    corrupted_frame_is_detected_by("corrupt", &[]);
+    corrupted_frame_is_detected_by("corrupt-in-place", &["--prefault"]);
+}
+
+fn corrupted_frame_is_detected_by(name: &str, receiver_args: &[&str]) {
+    let dir = scratch(name);
     let src = source(&dir);
     let secret = secret_file(&dir, "secret", "a secret for this test only");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut dst = Receiver::start(&dir, &listen, &secret, None);
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, receiver_args);
     // One bit flipped 3 MB into the stream, inside some page's data.
     let proxy = Proxy::start(&listen, Fault::FlipAt(3 << 20));
     let (ok, _, err) = migrate(

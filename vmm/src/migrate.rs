@@ -67,6 +67,9 @@ impl SourceVm for Machine {
 pub struct Incoming {
     opts: RunOptions,
     prefault: bool,
+    /// RAM was prefaulted (pre-copy only): every page is mapped, and no
+    /// userfaultfd watches the mapping.
+    prefaulted: bool,
     prepared: Option<PreparedMachine>,
     machine: Option<Machine>,
 }
@@ -77,6 +80,7 @@ impl Incoming {
         Self {
             opts,
             prefault: false,
+            prefaulted: false,
             prepared: None,
             machine: None,
         }
@@ -121,13 +125,39 @@ impl DestinationVm for Incoming {
     fn prefault(&mut self, offset: u64, len: u64) -> Result<(), BoxError> {
         if self.prefault {
             self.ram()?.prefault(offset, len)?;
+            self.prefaulted = true;
         }
         Ok(())
     }
 
+    fn ram_for_placement(&mut self) -> Option<Vec<(u64, &mut [u8])>> {
+        if !self.prefaulted {
+            return None;
+        }
+        let ram = self.prepared.as_mut()?.ram();
+        let slices = ram
+            .host_mappings()
+            .into_iter()
+            .map(|(ram_offset, host, len)| {
+                // SAFETY: `host..host + len` is one of the RAM mappings,
+                // which live as long as the prepared machine this borrow of
+                // `self` keeps alive. Nothing else touches them meanwhile:
+                // the machine is not restored yet, so no vCPU runs; RAM was
+                // prefaulted, so no userfaultfd is registered; and every
+                // other access from this process goes through `self`,
+                // which the returned slices borrow mutably. The slices are
+                // disjoint (one per region).
+                let bytes =
+                    unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len as usize) };
+                (ram_offset, bytes)
+            })
+            .collect();
+        Some(slices)
+    }
+
     fn write_ram(&mut self, offset: u64, data: &[u8]) -> Result<(), BoxError> {
         let ram = self.ram()?;
-        if self.prefault {
+        if self.prefaulted {
             // Prefaulted pages are mapped: a plain copy.
             Ok(ram.write_ram(offset, data)?)
         } else {

@@ -73,7 +73,10 @@ fn plain_tcp(bytes: u64, into_fresh_memory: bool) -> f64 {
 /// the slowest step of all (its host reclaims freed memory), so both are
 /// shown, and the prefault time beside them.
 fn round0_throughput() {
-    const PAIRS: usize = 5;
+    let pairs: usize = std::env::var("BENCH_PAIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
     let config = MachineConfig {
         mem_bytes: 1 << 30,
         vcpus: 1,
@@ -130,7 +133,7 @@ fn round0_throughput() {
             let (mut eng, mut reference, mut ratio, mut pre) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut r0 = None;
-            for _ in 0..PAIRS {
+            for _ in 0..pairs {
                 let (r, prefault_ms) = run(compression, prefault);
                 let e = r.bytes as f64 / (r.duration_ms / 1e3);
                 let p = plain_tcp(r.bytes, !prefault);
@@ -155,7 +158,7 @@ fn round0_throughput() {
             let (engine, reference, ratio, prefault_ms) =
                 (med(eng), med(reference), med(ratio), med(pre));
             println!(
-                "round0_{:?} {} (median of {PAIRS}): {:>5.0} MB/s on the wire ({} pages, {} lz4) | plain TCP, receiver {} {:>5.0} MB/s | ratio {:.2} (range {:.2}-{:.2}){}",
+                "round0_{:?} {} (median of {pairs}): {:>5.0} MB/s on the wire ({} pages, {} lz4) | plain TCP, receiver {} {:>5.0} MB/s | ratio {:.2} (range {:.2}-{:.2}){}",
                 compression,
                 if prefault { "prefaulted destination" } else { "fresh destination     " },
                 engine / 1e6,

@@ -3,10 +3,11 @@
 //! The phases, one module each:
 //! - [`protocol`]: framing and the message sequence (read its rustdoc first);
 //! - [`auth`]: shared-secret challenge–response before anything else;
-//! - [`codec`]: how pages travel (zero flag, raw, lz4);
+//! - [`codec`]: how pages travel (a table, then bodies: zero flag, raw, lz4);
 //! - [`precopy`]: dirty-log rounds while the guest runs, and the stop rules;
 //! - [`stop_and_copy`]: pause, last dirty pages, machine state, switch-over;
-//! - [`receive`]: the destination;
+//! - [`receive`]: the destination; [`placement`]: page batches received
+//!   straight into guest RAM;
 //! - [`report`]: what a migration measured.
 //!
 //! The engine does not know how the VMM is built: it drives a [`SourceVm`]

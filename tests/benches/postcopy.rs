@@ -5,7 +5,7 @@
 //! - Tm and Td of pre, post and hybrid for r = w at two rates, on a link
 //!   capped to a known μ, beside seed 001's prediction.
 //!
-//! Run: `cargo bench -p tests --bench postcopy`.
+//! Run: `cargo bench -p tests --bench postcopy [-- switch_over|fault_latency|model]`.
 
 use std::time::Duration;
 
@@ -136,7 +136,19 @@ fn main() {
     if !tests::require_kvm() {
         return;
     }
-    switch_over_downtime();
-    fault_latency();
-    modes_against_the_model();
+    // `cargo bench -p tests --bench postcopy -- fault` runs one part.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    if wanted("switch_over") {
+        switch_over_downtime();
+    }
+    if wanted("fault_latency") {
+        fault_latency();
+    }
+    if wanted("model") {
+        modes_against_the_model();
+    }
 }

@@ -4,7 +4,7 @@
 //! - cost of KVM_GET_DIRTY_LOG per GiB of RAM;
 //! - time to save and restore the machine state (without memory).
 //!
-//! Run: `cargo bench -p tests --bench foundation`.
+//! Run: `cargo bench -p tests --bench foundation [-- first_heartbeat|dirty_rates|dirty_log_cost|state_save_restore]`.
 
 use std::time::{Duration, Instant};
 
@@ -161,8 +161,10 @@ fn main() {
     if !tests::require_kvm() {
         return;
     }
-    start_to_first_heartbeat();
-    dirty_rates();
-    dirty_log_cost();
-    state_save_restore();
+    tests::run_bench_parts(&[
+        ("first_heartbeat", start_to_first_heartbeat),
+        ("dirty_rates", dirty_rates),
+        ("dirty_log_cost", dirty_log_cost),
+        ("state_save_restore", state_save_restore),
+    ]);
 }

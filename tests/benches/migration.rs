@@ -7,7 +7,7 @@
 //!   downtime the guest saw;
 //! - downtime and total time against the dirty rate.
 //!
-//! Run: `cargo bench -p tests --bench migration`.
+//! Run: `cargo bench -p tests --bench migration [-- round0|idle|dirty_rate]`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -322,19 +322,9 @@ fn main() {
     if !tests::require_kvm() {
         return;
     }
-    // `cargo bench -p tests --bench migration -- round0` runs one part.
-    let only: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
-    if wanted("round0") {
-        round0_throughput();
-    }
-    if wanted("idle") {
-        idle_guest_1g();
-    }
-    if wanted("dirty_rate") {
-        against_dirty_rate();
-    }
+    tests::run_bench_parts(&[
+        ("round0", round0_throughput),
+        ("idle", idle_guest_1g),
+        ("dirty_rate", against_dirty_rate),
+    ]);
 }

@@ -136,19 +136,9 @@ fn main() {
     if !tests::require_kvm() {
         return;
     }
-    // `cargo bench -p tests --bench postcopy -- fault` runs one part.
-    let only: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
-    if wanted("switch_over") {
-        switch_over_downtime();
-    }
-    if wanted("fault_latency") {
-        fault_latency();
-    }
-    if wanted("model") {
-        modes_against_the_model();
-    }
+    tests::run_bench_parts(&[
+        ("switch_over", switch_over_downtime),
+        ("fault_latency", fault_latency),
+        ("model", modes_against_the_model),
+    ]);
 }

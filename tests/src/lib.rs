@@ -23,6 +23,21 @@ pub fn require_kvm() -> bool {
     present
 }
 
+/// Runs the parts of a benchmark named on its command line (`cargo bench
+/// -p tests --bench NAME -- PART ...`; a part runs if its name contains one
+/// of them), or all of them when none is named.
+pub fn run_bench_parts(parts: &[(&str, fn())]) {
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for (name, part) in parts {
+        if only.is_empty() || only.iter().any(|o| name.contains(o.as_str())) {
+            part();
+        }
+    }
+}
+
 /// The workspace's target directory.
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -334,6 +349,18 @@ impl Drop for Receiver {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// [`migrate`] on a thread of its own, for tests that act on the source or
+/// the destination while the migration runs.
+pub fn migrate_in_background(
+    src_socket: &Path,
+    to: &str,
+    secret: &Path,
+    extra: &'static [&'static str],
+) -> std::thread::JoinHandle<(bool, Value, String)> {
+    let (src_socket, to, secret) = (src_socket.to_owned(), to.to_owned(), secret.to_owned());
+    std::thread::spawn(move || migrate(&src_socket, &to, &secret, extra))
 }
 
 /// Runs `vmm migrate --json ARGS`; returns (success, report or null, stderr).

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::{
-    free_port, heartbeat_field, migrate, per_vcpu, require_kvm, scratch, secret_file, Fault, Proxy,
-    Receiver, VmmProcess,
+    free_port, heartbeat_field, migrate, migrate_in_background, per_vcpu, require_kvm, scratch,
+    secret_file, Fault, Proxy, Receiver, VmmProcess,
 };
 
 const WORKLOAD: &str = "wset=64M,rate=5000,fill=100";
@@ -91,18 +91,13 @@ fn destination_killed_during_a_round() {
     let src = source(&dir);
     let secret = secret_file(&dir, "secret", "a secret for this test only");
     let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let sock = dir.join("src.sock");
-    let addr = dst.addr.clone();
-    let s2 = secret.clone();
     // 64 MiB at 100 Mbit/s: round 0 takes about 5 s.
-    let t = std::thread::spawn(move || {
-        migrate(
-            &sock,
-            &addr,
-            &s2,
-            &["--bandwidth", "100Mbit", "--compression", "none"],
-        )
-    });
+    let t = migrate_in_background(
+        &dir.join("src.sock"),
+        &dst.addr,
+        &secret,
+        &["--bandwidth", "100Mbit", "--compression", "none"],
+    );
     src.wait_for("round 0 under way", Duration::from_secs(10), |_| {
         dst.stderr_text().contains("incoming migration")
     });

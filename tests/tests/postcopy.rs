@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tests::{free_port, migrate, require_kvm, scratch, secret_file, Receiver, VmmProcess};
+use tests::{
+    free_port, migrate_in_background, require_kvm, scratch, secret_file, Receiver, VmmProcess,
+};
 
 fn run(name: &str, vcpus: u8, workload: &str, extra: &[&str]) -> Value {
     let (report, _) = tests::verified_migration(name, vcpus, "256M", workload, extra);
@@ -127,18 +129,13 @@ fn source_death_after_switch_over_is_reported() {
     );
     src.wait_running(Duration::from_secs(60));
     let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let sock = dir.join("src.sock");
-    let addr = dst.addr.clone();
-    let s2 = secret.clone();
     // A slow push (100 Mbit/s for 128 MiB: ~10 s) leaves time to kill it.
-    let t = std::thread::spawn(move || {
-        migrate(
-            &sock,
-            &addr,
-            &s2,
-            &["--mode", "post", "--bandwidth", "100Mbit"],
-        )
-    });
+    let t = migrate_in_background(
+        &dir.join("src.sock"),
+        &dst.addr,
+        &secret,
+        &["--mode", "post", "--bandwidth", "100Mbit"],
+    );
     src.wait_for("post-copy push under way", Duration::from_secs(20), |_| {
         let st =
             vmm::api::call(&dir.join("src.sock"), &json!({"cmd": "migration_status"})).unwrap();

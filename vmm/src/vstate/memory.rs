@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use guest_images::abi::{MMIO_GAP_SIZE, MMIO_GAP_START, PAGE_SIZE};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 /// Guest memory with a vm-memory dirty bitmap: writes the VMM itself makes
 /// through it (device emulation, the probe mailbox) are recorded there, because
@@ -53,7 +53,7 @@ pub enum MemoryError {
     Access {
         gpa: u64,
         #[source]
-        source: vm_memory::GuestMemoryError,
+        source: GuestMemoryError,
     },
     #[error("RAM offset {0:#x} is outside guest RAM")]
     OutOfRange(u64),
@@ -302,22 +302,9 @@ impl GuestRam {
     /// memory: what is copied is some recent state of each byte, which is
     /// all a pre-copy round needs (the dirty log re-sends what changed).
     pub fn read_ram(&self, ram_offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = ram_offset + done as u64;
-            let region = self
-                .regions
-                .iter()
-                .find(|r| (r.ram_offset..r.ram_offset + r.size).contains(&off))
-                .ok_or(MemoryError::OutOfRange(off))?;
-            let n = ((region.ram_offset + region.size - off) as usize).min(buf.len() - done);
-            let gpa = region.gpa + (off - region.ram_offset);
-            self.memory
-                .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
-                .map_err(|source| MemoryError::Access { gpa, source })?;
-            done += n;
-        }
-        Ok(())
+        self.split_at_regions(ram_offset, buf.len(), |gpa, at| {
+            self.memory.read_slice(&mut buf[at], gpa)
+        })
     }
 
     /// Copies `data` into RAM at `ram_offset` through the mapping, split at
@@ -326,18 +313,31 @@ impl GuestRam {
     /// elsewhere each first touch is a page fault, and a `pwrite` on the
     /// memfd is the cheaper way to fill fresh memory.
     pub fn write_ram(&self, ram_offset: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.split_at_regions(ram_offset, data.len(), |gpa, at| {
+            self.memory.write_slice(&data[at], gpa)
+        })
+    }
+
+    /// Calls `access(gpa, range)` for each piece of `len` bytes of RAM from
+    /// `ram_offset` that lies in one region; `range` indexes the caller's
+    /// buffer.
+    fn split_at_regions(
+        &self,
+        ram_offset: u64,
+        len: usize,
+        mut access: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), GuestMemoryError>,
+    ) -> Result<(), MemoryError> {
         let mut done = 0usize;
-        while done < data.len() {
+        while done < len {
             let off = ram_offset + done as u64;
             let region = self
                 .regions
                 .iter()
                 .find(|r| (r.ram_offset..r.ram_offset + r.size).contains(&off))
                 .ok_or(MemoryError::OutOfRange(off))?;
-            let n = ((region.ram_offset + region.size - off) as usize).min(data.len() - done);
+            let n = ((region.ram_offset + region.size - off) as usize).min(len - done);
             let gpa = region.gpa + (off - region.ram_offset);
-            self.memory
-                .write_slice(&data[done..done + n], GuestAddress(gpa))
+            access(GuestAddress(gpa), done..done + n)
                 .map_err(|source| MemoryError::Access { gpa, source })?;
             done += n;
         }

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use migration::auth::Secret;
 use migration::codec::Compression;
-use serde_json::Value;
-use tests::{free_port, migrate, scratch, secret_file, Receiver, VmmProcess};
+use tests::{bench_migration, free_port};
 use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
 use vmm::migrate::Incoming;
 use vmm::vstate::memory::GuestRam;
@@ -245,30 +244,10 @@ fn round0_throughput() {
     m.shutdown();
 }
 
-/// One migration between processes; returns (report, source state before).
-fn migrate_processes(name: &str, mem: &str, workload: &str) -> (Value, Value) {
-    let dir = scratch(name);
-    let secret = secret_file(&dir, "secret", "benchmark secret 0123456789");
-    let src = VmmProcess::start(
-        &dir.join("src.sock"),
-        &["--memory", mem, "--workload", workload],
-    );
-    src.wait_running(Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(500));
-    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let before = src.state();
-    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &[]);
-    assert!(ok, "{err}");
-    src.quit();
-    drop(dst);
-    let _ = std::fs::remove_dir_all(dir);
-    (report, before)
-}
-
 fn idle_guest_1g() {
     let mut downtimes = Vec::new();
     for i in 0..3 {
-        let (r, before) = migrate_processes(&format!("idle-{i}"), "1G", "wset=16M");
+        let (r, before) = bench_migration(&format!("idle-{i}"), "1G", "wset=16M", &[]);
         let touched = before["ram_populated_bytes"].as_f64().unwrap();
         let wire = r["bytes_wire"].as_f64().unwrap();
         let b = &r["downtime_breakdown"];
@@ -300,10 +279,11 @@ fn against_dirty_rate() {
         "  rate pages/s | rounds | stop rule  | total ms | downtime ms | guest saw ms | wire MB"
     );
     for rate in [0u64, 5_000, 20_000, 50_000, 100_000] {
-        let (r, _) = migrate_processes(
+        let (r, _) = bench_migration(
             &format!("rate-{rate}"),
             "1G",
             &format!("wset=256M,rate={rate},fill=100"),
+            &[],
         );
         println!(
             "  {:>12} | {:>6} | {:<10} | {:>8.1} | {:>11.2} | {:>12.2} | {:>7.1}",

@@ -7,30 +7,9 @@
 //!
 //! Run: `cargo bench -p tests --bench postcopy [-- switch_over|fault_latency|model]`.
 
-use std::time::Duration;
-
 use migration::model::{predict, Mode, Params};
 use serde_json::Value;
-use tests::{free_port, migrate, scratch, secret_file, Receiver, VmmProcess};
-
-fn one(name: &str, mem: &str, workload: &str, args: &[&str]) -> (Value, Value) {
-    let dir = scratch(name);
-    let secret = secret_file(&dir, "secret", "benchmark secret 0123456789");
-    let src = VmmProcess::start(
-        &dir.join("src.sock"),
-        &["--memory", mem, "--workload", workload],
-    );
-    src.wait_running(Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(500));
-    let before = src.state();
-    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, args);
-    assert!(ok, "{err}");
-    src.quit();
-    drop(dst);
-    let _ = std::fs::remove_dir_all(dir);
-    (report, before)
-}
+use tests::bench_migration;
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
@@ -41,7 +20,7 @@ fn switch_over_downtime() {
     for mem in ["1G", "8G"] {
         let mut d = Vec::new();
         for i in 0..3 {
-            let (r, _) = one(
+            let (r, _) = bench_migration(
                 &format!("pc-{mem}-{i}"),
                 mem,
                 "wset=16M",
@@ -69,7 +48,7 @@ fn switch_over_downtime() {
 fn fault_latency() {
     println!("demand-fault latency (1 vCPU reading 60000 pages/s over 64 MiB, push capped at 200 Mbit/s):");
     for i in 0..3 {
-        let (r, _) = one(
+        let (r, _) = bench_migration(
             &format!("lat-{i}"),
             "256M",
             "wset=64M,read=60000",
@@ -102,7 +81,8 @@ fn modes_against_the_model() {
         ] {
             let mut args = vec!["--mode", mode, "--bandwidth", "400Mbit"];
             args.extend(extra);
-            let (r, before) = one(&format!("model-{rate}-{mode}"), "512M", &workload, &args);
+            let (r, before) =
+                bench_migration(&format!("model-{rate}-{mode}"), "512M", &workload, &args);
             let v_mb = f(&before["ram_populated_bytes"]) / 1e6;
             let rw = rate as f64 * 4096.0 / 1e6;
             let p = Params {

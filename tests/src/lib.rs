@@ -38,6 +38,29 @@ pub fn run_bench_parts(parts: &[(&str, fn())]) {
     }
 }
 
+/// One migration between two `vmm` processes on loopback for a benchmark:
+/// boots a source with `mem` and `workload`, lets it run half a second,
+/// migrates it with `args` to a fresh `vmm receive`, and returns the report
+/// and the source's state before the migration.
+pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> (Value, Value) {
+    let dir = scratch(name);
+    let secret = secret_file(&dir, "secret", "benchmark secret 0123456789");
+    let src = VmmProcess::start(
+        &dir.join("src.sock"),
+        &["--memory", mem, "--workload", workload],
+    );
+    src.wait_running(Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    let before = src.state();
+    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, args);
+    assert!(ok, "{err}");
+    src.quit();
+    drop(dst);
+    let _ = std::fs::remove_dir_all(dir);
+    (report, before)
+}
+
 /// The workspace's target directory.
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

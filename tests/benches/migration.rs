@@ -247,7 +247,9 @@ fn round0_throughput() {
 fn idle_guest_1g() {
     let mut downtimes = Vec::new();
     for i in 0..3 {
-        let (r, before) = bench_migration(&format!("idle-{i}"), "1G", "wset=16M", &[]);
+        let tests::BenchRun {
+            report: r, before, ..
+        } = bench_migration(&format!("idle-{i}"), "1G", "wset=16M", &[]);
         let touched = before["ram_populated_bytes"].as_f64().unwrap();
         let wire = r["bytes_wire"].as_f64().unwrap();
         let b = &r["downtime_breakdown"];
@@ -279,12 +281,13 @@ fn against_dirty_rate() {
         "  rate pages/s | rounds | stop rule  | total ms | downtime ms | guest saw ms | wire MB"
     );
     for rate in [0u64, 5_000, 20_000, 50_000, 100_000] {
-        let (r, _) = bench_migration(
+        let r = bench_migration(
             &format!("rate-{rate}"),
             "1G",
             &format!("wset=256M,rate={rate},fill=100"),
             &[],
-        );
+        )
+        .report;
         println!(
             "  {:>12} | {:>6} | {:<10} | {:>8.1} | {:>11.2} | {:>12.2} | {:>7.1}",
             rate,

@@ -20,12 +20,13 @@ fn switch_over_downtime() {
     for mem in ["1G", "8G"] {
         let mut d = Vec::new();
         for i in 0..3 {
-            let (r, _) = bench_migration(
+            let r = bench_migration(
                 &format!("pc-{mem}-{i}"),
                 mem,
                 "wset=16M",
                 &["--mode", "post"],
-            );
+            )
+            .report;
             let b = &r["downtime_breakdown"];
             println!(
                 "  {mem}: downtime {:6.2} ms (source pause {:.2}, state save {:.2}, transfer {:.2}, restore {:.2}, uffd setup {:.2}, resume {:.2}), guest saw {:6.2} ms",
@@ -48,12 +49,13 @@ fn switch_over_downtime() {
 fn fault_latency() {
     println!("demand-fault latency (1 vCPU reading 60000 pages/s over 64 MiB, push capped at 200 Mbit/s):");
     for i in 0..3 {
-        let (r, _) = bench_migration(
+        let r = bench_migration(
             &format!("lat-{i}"),
             "256M",
             "wset=64M,read=60000",
             &["--mode", "post", "--bandwidth", "200Mbit"],
-        );
+        )
+        .report;
         let p = &r["postcopy"];
         println!(
             "  run {i}: {} faults, p50 {:6.1} µs, p99 {:7.1} µs, max {:7.1} µs; longest guest stall {:.2} ms",
@@ -81,8 +83,9 @@ fn modes_against_the_model() {
         ] {
             let mut args = vec!["--mode", mode, "--bandwidth", "400Mbit"];
             args.extend(extra);
-            let (r, before) =
-                bench_migration(&format!("model-{rate}-{mode}"), "512M", &workload, &args);
+            let tests::BenchRun {
+                report: r, before, ..
+            } = bench_migration(&format!("model-{rate}-{mode}"), "512M", &workload, &args);
             let v_mb = f(&before["ram_populated_bytes"]) / 1e6;
             let rw = rate as f64 * 4096.0 / 1e6;
             let p = Params {

@@ -38,11 +38,22 @@ pub fn run_bench_parts(parts: &[(&str, fn())]) {
     }
 }
 
+/// What [`bench_migration`] returns.
+pub struct BenchRun {
+    /// The migration report.
+    pub report: Value,
+    /// The source's state just before the migration.
+    pub before: Value,
+    /// Pages per second the guest wrote just before the migration, by its
+    /// own counters (the dirty log cannot count a page twice in a round).
+    pub guest_write_pages_s: f64,
+}
+
 /// One migration between two `vmm` processes on loopback for a benchmark:
-/// boots a source with `mem` and `workload`, lets it run half a second,
-/// migrates it with `args` to a fresh `vmm receive`, and returns the report
-/// and the source's state before the migration.
-pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> (Value, Value) {
+/// boots a source with `mem` and `workload`, lets it run half a second
+/// (measuring its write rate meanwhile), migrates it with `args` to a fresh
+/// `vmm receive`.
+pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> BenchRun {
     let dir = scratch(name);
     let secret = secret_file(&dir, "secret", "benchmark secret 0123456789");
     let src = VmmProcess::start(
@@ -50,19 +61,27 @@ pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> 
         &["--memory", mem, "--workload", workload],
     );
     src.wait_running(Duration::from_secs(120));
+    let s0 = src.state();
     std::thread::sleep(Duration::from_millis(500));
     let before = src.state();
+    let written = |s: &Value| per_vcpu(s, "pages_written").iter().sum::<u64>() as f64;
+    let secs = (before["uptime_ms"].as_f64().unwrap() - s0["uptime_ms"].as_f64().unwrap()) / 1e3;
+    let guest_write_pages_s = (written(&before) - written(&s0)) / secs;
     let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
     let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, args);
     assert!(ok, "{err}");
     src.quit();
     drop(dst);
     let _ = std::fs::remove_dir_all(dir);
-    (report, before)
+    BenchRun {
+        report,
+        before,
+        guest_write_pages_s,
+    }
 }
 
 /// The workspace's target directory.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))

@@ -235,7 +235,8 @@ fn write_csv(cells: &[Cell]) {
     std::fs::create_dir_all(&dir).expect("creating target/experiments");
     let path = dir.join("seed002.csv");
     std::fs::write(&path, csv).expect("writing the CSV");
-    println!("written: {}", path.display());
+    let shown = path.canonicalize().unwrap_or(path);
+    println!("written: {}", shown.display());
 }
 
 fn main() {

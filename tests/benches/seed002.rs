@@ -29,9 +29,12 @@
 //! the rule that ended pre-copy; Tm and Td measured and predicted; Td as
 //! the guest saw it (its longest heartbeat gap); bytes on the wire.
 //!
-//! Run: `cargo bench -p tests --bench seed002` (about 5 minutes; `REPS=N`
-//! repeats each cell, the paper did 20). Writes
-//! `target/experiments/seed002.csv`.
+//! The paper's single-variable experiments come first (VMSIZE, LOAD, FILL,
+//! PERIOD and BPC one at a time), then the factorial one.
+//!
+//! Run: `cargo bench -p tests --bench seed002 [-- single|factorial]` (about
+//! 6 minutes; `REPS=N` repeats each cell, the paper did 20). The factorial
+//! part writes `target/experiments/seed002.csv`.
 
 use std::fmt::Write as _;
 
@@ -67,13 +70,44 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-fn run_cell(vmsize_mb: u64, wset_mb: u64, rate: u64, reps: usize) -> Cell {
+/// One treatment: the guest's memory and workload, and how pages travel.
+struct Treatment {
+    vmsize_mb: u64,
+    wset_mb: u64,
+    /// Pages per second the workload dirties (the model's w).
+    rate: u64,
+    /// The whole `--workload` string.
+    workload: String,
+    compression: &'static str,
+}
+
+impl Treatment {
+    /// The factorial design's treatment: cyclic writes of whole pages.
+    fn cyclic(vmsize_mb: u64, wset_mb: u64, rate: u64) -> Self {
+        Self {
+            vmsize_mb,
+            wset_mb,
+            rate,
+            workload: format!("wset={wset_mb}M,rate={rate},fill=100,pattern=seq"),
+            compression: "none",
+        }
+    }
+}
+
+fn run_cell(t: &Treatment, reps: usize) -> Cell {
+    let Treatment {
+        vmsize_mb,
+        wset_mb,
+        rate,
+        ref workload,
+        compression,
+    } = *t;
     let max_bytes = format!("{}M", 3 * vmsize_mb);
     let args = [
         "--bandwidth",
         "1Gbit",
         "--compression",
-        "none",
+        compression,
         "--max-downtime",
         "2ms",
         "--max-rounds",
@@ -81,7 +115,6 @@ fn run_cell(vmsize_mb: u64, wset_mb: u64, rate: u64, reps: usize) -> Cell {
         "--max-bytes",
         &max_bytes,
     ];
-    let workload = format!("wset={wset_mb}M,rate={rate},fill=100,pattern=seq");
     let (mut tm, mut td, mut gtd, mut wire, mut rounds, mut measured) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut rules = Vec::new();
@@ -90,7 +123,7 @@ fn run_cell(vmsize_mb: u64, wset_mb: u64, rate: u64, reps: usize) -> Cell {
         let run = bench_migration(
             &format!("seed002-{vmsize_mb}-{wset_mb}-{rate}-{rep}"),
             &format!("{vmsize_mb}M"),
-            &workload,
+            workload,
             &args,
         );
         let r = &run.report;
@@ -133,14 +166,12 @@ fn run_cell(vmsize_mb: u64, wset_mb: u64, rate: u64, reps: usize) -> Cell {
     }
 }
 
-fn print_header() {
-    println!(
-        "  VMSIZE | WSET | RATE /s | guest /s | rounds | stop rule  | Tm s   | model Tm s | Td ms   | guest Td ms | model Td ms | wire MB"
-    );
+fn header() -> String {
+    "  VMSIZE | WSET | RATE /s | guest /s | rounds | stop rule  | Tm s   | model Tm s | Td ms   | guest Td ms | model Td ms | wire MB".to_string()
 }
 
-fn print_cell(c: &Cell) {
-    println!(
+fn row(c: &Cell) -> String {
+    format!(
         "  {:>5}M | {:>3}M | {:>7} | {:>8.0} | {:>6.1} | {:<10} | {:>6.2} | {:>10} | {:>7.1} | {:>11.1} | {:>11.1} | {:>7.0}",
         c.vmsize_mb,
         c.wset_mb,
@@ -154,7 +185,7 @@ fn print_cell(c: &Cell) {
         c.guest_td_ms,
         c.model_td_ms,
         c.wire_mb
-    );
+    )
 }
 
 /// Where the results jump, for each VMSIZE and WSET: the first RATE whose
@@ -239,28 +270,89 @@ fn write_csv(cells: &[Cell]) {
     println!("written: {}", shown.display());
 }
 
-fn main() {
-    if !tests::require_kvm() {
-        return;
-    }
-    let reps: usize = std::env::var("REPS")
+/// How many runs a cell gets (`REPS`, default 1).
+fn reps() -> usize {
+    std::env::var("REPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(1)
+}
+
+/// The paper's section IV: one factor at a time, the others fixed (WSET 64
+/// MiB, RATE 10 000 pages/s, VMSIZE 256 MiB unless varied). It found that
+/// VMSIZE matters (for Xen), LOAD and FILL do not, and PERIOD and BPC act
+/// through their ratio. FILL is run twice: without compression, as the
+/// paper's hypervisors sent pages, and with this engine's lz4.
+fn single_variable() {
+    let reps = reps();
+    println!("seed 002's single-variable experiments (link 1 Gbit/s, Xen's stop rules; {reps} run(s) a cell):");
+    let base = |workload: &str, compression| Treatment {
+        vmsize_mb: 256,
+        wset_mb: 64,
+        rate: 10_000,
+        workload: format!("wset=64M,pattern=seq,{workload}"),
+        compression,
+    };
+    let mut rows: Vec<(String, Treatment)> = Vec::new();
+    for vmsize_mb in [256, 512, 1024, 2048] {
+        let t = Treatment {
+            vmsize_mb,
+            rate: 0,
+            workload: "wset=64M".into(),
+            ..base("", "none")
+        };
+        rows.push((format!("VMSIZE {vmsize_mb}M, idle"), t));
+    }
+    for load in [0, 50, 100] {
+        rows.push((
+            format!("LOAD {load}%"),
+            base(&format!("rate=10000,fill=100,cpu={load}"), "none"),
+        ));
+    }
+    for compression in ["none", "auto"] {
+        for fill in [10, 50, 100] {
+            rows.push((
+                format!("FILL {fill}%, {compression}"),
+                base(&format!("rate=10000,fill={fill}"), compression),
+            ));
+        }
+    }
+    for (bpc, period) in [(10, 1), (50, 5), (100, 10), (200, 10), (100, 5)] {
+        let mut t = base(&format!("bpc={bpc},period={period},fill=100"), "none");
+        t.rate = bpc * 1000 / period;
+        rows.push((format!("BPC {bpc} / PERIOD {period} ms"), t));
+    }
+    println!("  {:<26}{}", "factor", header());
+    for (label, t) in rows {
+        let c = run_cell(&t, reps);
+        println!("  {label:<26}{}", row(&c));
+    }
+}
+
+/// The paper's section V: VMSIZE × WSET × RATE, every combination.
+fn factorial() {
+    let reps = reps();
     println!(
         "seed 002's factorial experiment: 1 vCPU dirtying WSET cyclically at RATE pages/s; link 1 Gbit/s; Xen's stop rules (≤ {MAX_DOWNTIME_MS} ms left, 3 × VMSIZE sent, 30 rounds); {reps} run(s) a cell"
     );
-    print_header();
+    println!("{}", header());
     let mut cells = Vec::new();
     for vmsize_mb in [256, 512] {
         for wset_mb in [32, 64, 128] {
             for rate in [0, 10_000, 20_000, 25_000, 30_000, 35_000, 45_000] {
-                let c = run_cell(vmsize_mb, wset_mb, rate, reps);
-                print_cell(&c);
+                let c = run_cell(&Treatment::cyclic(vmsize_mb, wset_mb, rate), reps);
+                println!("{}", row(&c));
                 cells.push(c);
             }
         }
     }
     print_jumps(&cells);
     write_csv(&cells);
+}
+
+fn main() {
+    if !tests::require_kvm() {
+        return;
+    }
+    tests::run_bench_parts(&[("single", single_variable), ("factorial", factorial)]);
 }

@@ -24,6 +24,10 @@ pub trait SourceVm: Sync {
     fn pause(&self);
     /// Lets the vCPUs run again.
     fn resume(&self);
+    /// Keeps the vCPUs out of the guest `pct` % of the time, so that a
+    /// guest that dirties memory faster than the link carries it lets
+    /// pre-copy converge (auto-converge); 0 ends it.
+    fn set_throttle(&self, pct: u8);
     /// The machine's configuration, opaque to the engine.
     fn config_blob(&self) -> Result<Vec<u8>, BoxError>;
     /// The complete machine state (vCPUs, VM, devices), opaque to the

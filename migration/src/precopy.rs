@@ -13,6 +13,13 @@
 //! 4. `max_bytes`: the bytes-sent cap was reached (Xen's other rule).
 //!
 //! The pages dirtied in the last running round are sent by stop-and-copy.
+//!
+//! A guest that dirties memory faster than the link carries it never meets
+//! rule 2: every round re-sends about as much as the one before, and only
+//! rules 3 and 4 end pre-copy, with a downtime of a whole working set over
+//! the link (seed 002's "jump"). With `auto_converge` the engine then
+//! throttles the vCPUs as QEMU does ([`Throttle`]): the guest runs less, so
+//! it dirties less, until a round fits the downtime limit.
 
 use std::time::Instant;
 
@@ -32,6 +39,49 @@ pub struct PrecopyOutcome {
     pub bytes_raw: u64,
     /// Hybrid: the pages pre-copy was responsible for (the V1 share).
     pub share: Option<Vec<u64>>,
+}
+
+/// Auto-converge, QEMU's policy: a round that dirtied more than half of
+/// what it sent is "high"; after two high rounds the vCPUs are throttled
+/// to 20 %, and after every two more by 10 points more, up to 99 %.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    high_rounds: u32,
+    pct: u8,
+}
+
+impl Throttle {
+    const INITIAL: u8 = 20;
+    const STEP: u8 = 10;
+    const MAX: u8 = 99;
+    /// Dirtied bytes above this share of the bytes sent make a round high.
+    const HIGH_SHARE: f64 = 0.5;
+
+    /// Takes a finished round's figures; returns the new throttle level if
+    /// it changes.
+    pub fn after_round(&mut self, sent_bytes: u64, dirtied_bytes: u64) -> Option<u8> {
+        if dirtied_bytes as f64 <= sent_bytes as f64 * Self::HIGH_SHARE {
+            return None;
+        }
+        self.high_rounds += 1;
+        if self.high_rounds < 2 {
+            return None;
+        }
+        self.high_rounds = 0;
+        let next = match self.pct {
+            0 => Self::INITIAL,
+            p => p.saturating_add(Self::STEP).min(Self::MAX),
+        };
+        (next != self.pct).then(|| {
+            self.pct = next;
+            next
+        })
+    }
+
+    /// The current level, in percent.
+    pub fn pct(&self) -> u8 {
+        self.pct
+    }
 }
 
 /// Runs of set bits in `bitmap`, as `(first_page, count)`.
@@ -181,8 +231,11 @@ pub fn run_rounds<V: SourceVm>(
     };
     let mut rounds = Vec::new();
     let mut bandwidth = f64::INFINITY;
+    // Throttling serves the downtime rule; hybrid post-copies its dirty rest.
+    let mut throttle = (opts.auto_converge && mask.is_none()).then(Throttle::default);
     for round in 0.. {
         let mut r = send_round(s, round, &page_runs, false)?;
+        r.throttle_pct = throttle.as_ref().map_or(0, Throttle::pct);
         let mut dirty =
             s.vm.take_dirty_bitmap()
                 .map_err(vm_err("read the dirty log"))?;
@@ -200,6 +253,7 @@ pub fn run_rounds<V: SourceVm>(
         r.dirty_rate_pages_s = r.dirtied_pages as f64 / secs.max(1e-9);
         r.estimated_downtime_ms = dirtied as f64 * PAGE as f64 / bandwidth * 1e3;
         let est_ms = r.estimated_downtime_ms;
+        let r_bytes = r.bytes;
         rounds.push(r);
         let sent = s.out.bytes;
         let rule = if dirtied == 0 {
@@ -228,6 +282,13 @@ pub fn run_rounds<V: SourceVm>(
                 share: mask,
             });
         }
+        if let Some(pct) = throttle
+            .as_mut()
+            .and_then(|t| t.after_round(r_bytes, dirtied * PAGE as u64))
+        {
+            tracing::info!("auto-converge: vCPUs throttled to {pct} %");
+            s.vm.set_throttle(pct);
+        }
         page_runs = runs(&relevant).collect();
     }
     unreachable!("the round loop only ends by returning")
@@ -244,6 +305,25 @@ mod tests {
         assert_eq!(r, vec![(1, 2), (5, 3), (127, 2)]);
         assert_eq!(count(&bm), 7);
         assert_eq!(runs(&[0, 0]).count(), 0);
+    }
+
+    #[test]
+    fn throttle_steps_up_after_every_two_high_rounds() {
+        let mut t = Throttle::default();
+        // Dirtied ≤ half of what was sent: never throttled.
+        for _ in 0..5 {
+            assert_eq!(t.after_round(100, 50), None);
+        }
+        assert_eq!(t.after_round(100, 60), None);
+        assert_eq!(t.after_round(100, 60), Some(20));
+        assert_eq!(t.after_round(100, 60), None);
+        assert_eq!(t.after_round(100, 60), Some(30));
+        for _ in 0..40 {
+            t.after_round(100, 100);
+        }
+        assert_eq!(t.pct(), 99, "capped");
+        assert_eq!(t.after_round(100, 100), None);
+        assert_eq!(t.after_round(100, 100), None, "no change past the cap");
     }
 
     #[test]

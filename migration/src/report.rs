@@ -28,6 +28,9 @@ pub struct Round {
     pub estimated_downtime_ms: f64,
     /// Whether the vCPUs were paused during this round.
     pub paused: bool,
+    /// Percent of the time the vCPUs were kept out of the guest during
+    /// this round (auto-converge; 0 when not throttled).
+    pub throttle_pct: u8,
 }
 
 /// Where the downtime went.
@@ -59,6 +62,7 @@ pub struct Limits {
     pub max_rounds: u32,
     pub max_bytes: u64,
     pub bandwidth_bytes_s: Option<u64>,
+    pub auto_converge: bool,
 }
 
 /// The final report.

@@ -84,6 +84,9 @@ pub struct Options {
     /// Decides the mode after the link rate μ was measured (auto, and the
     /// hybrid split from measured rates).
     pub planner: Option<std::sync::Arc<dyn Planner>>,
+    /// Pre-copy: throttle the vCPUs while the guest dirties memory faster
+    /// than rounds send it (see `precopy::Throttle`).
+    pub auto_converge: bool,
 }
 
 /// Chooses how to migrate once the link rate is known.
@@ -105,6 +108,7 @@ impl Default for Options {
             mode: Mode::Pre,
             threshold: 8 << 20,
             planner: None,
+            auto_converge: false,
         }
     }
 }
@@ -309,6 +313,8 @@ pub fn migrate<V: SourceVm>(
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
         r
     });
+    // Whatever happened, the guest's vCPUs get their full time back.
+    vm.set_throttle(0);
     match result {
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -318,6 +324,7 @@ pub fn migrate<V: SourceVm>(
                 max_rounds: opts.max_rounds,
                 max_bytes: opts.max_bytes,
                 bandwidth_bytes_s: opts.bandwidth,
+                auto_converge: opts.auto_converge,
             };
             let _ = vm.stop_dirty_log();
             Ok(report)

@@ -32,8 +32,10 @@
 //! The paper's single-variable experiments come first (VMSIZE, LOAD, FILL,
 //! PERIOD and BPC one at a time), then the factorial one.
 //!
-//! Run: `cargo bench -p tests --bench seed002 [-- single|factorial]` (about
-//! 6 minutes; `REPS=N` repeats each cell, the paper did 20). The factorial
+//! Last, the cells above the jump run again with auto-converge.
+//!
+//! Run: `cargo bench -p tests --bench seed002 [-- single|factorial|auto_converge]`
+//! (about 8 minutes; `REPS=N` repeats each cell, the paper did 20). The factorial
 //! part writes `target/experiments/seed002.csv`.
 
 use std::fmt::Write as _;
@@ -60,6 +62,8 @@ struct Cell {
     wire_mb: f64,
     model_tm_s: Option<f64>,
     model_td_ms: f64,
+    /// Highest vCPU throttle any round ran with (auto-converge).
+    throttle_pct: u64,
 }
 
 fn f(v: &Value) -> f64 {
@@ -79,6 +83,7 @@ struct Treatment {
     /// The whole `--workload` string.
     workload: String,
     compression: &'static str,
+    auto_converge: bool,
 }
 
 impl Treatment {
@@ -90,6 +95,7 @@ impl Treatment {
             rate,
             workload: format!("wset={wset_mb}M,rate={rate},fill=100,pattern=seq"),
             compression: "none",
+            auto_converge: false,
         }
     }
 }
@@ -101,9 +107,10 @@ fn run_cell(t: &Treatment, reps: usize) -> Cell {
         rate,
         ref workload,
         compression,
+        auto_converge,
     } = *t;
     let max_bytes = format!("{}M", 3 * vmsize_mb);
-    let args = [
+    let mut args = vec![
         "--bandwidth",
         "1Gbit",
         "--compression",
@@ -115,10 +122,14 @@ fn run_cell(t: &Treatment, reps: usize) -> Cell {
         "--max-bytes",
         &max_bytes,
     ];
+    if auto_converge {
+        args.push("--auto-converge");
+    }
     let (mut tm, mut td, mut gtd, mut wire, mut rounds, mut measured) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut rules = Vec::new();
     let mut populated_mb = wset_mb as f64;
+    let mut throttle = 0;
     for rep in 0..reps {
         let run = bench_migration(
             &format!("seed002-{vmsize_mb}-{wset_mb}-{rate}-{rep}"),
@@ -134,6 +145,10 @@ fn run_cell(t: &Treatment, reps: usize) -> Cell {
         wire.push(f(&r["bytes_wire"]) / 1e6);
         rounds.push(r["rounds"].as_array().map_or(f64::NAN, |v| v.len() as f64));
         measured.push(run.guest_write_pages_s);
+        let throttles = r["rounds"].as_array().into_iter().flatten();
+        throttle = throttles
+            .filter_map(|round| round["throttle_pct"].as_u64())
+            .fold(throttle, u64::max);
         let rule = r["stop_rule"].as_str().unwrap_or("?").to_string();
         if !rules.contains(&rule) {
             rules.push(rule);
@@ -163,6 +178,7 @@ fn run_cell(t: &Treatment, reps: usize) -> Cell {
         wire_mb: mean(&wire),
         model_tm_s: m.tm_s,
         model_td_ms: m.td_s * 1e3,
+        throttle_pct: throttle,
     }
 }
 
@@ -292,6 +308,7 @@ fn single_variable() {
         rate: 10_000,
         workload: format!("wset=64M,pattern=seq,{workload}"),
         compression,
+        auto_converge: false,
     };
     let mut rows: Vec<(String, Treatment)> = Vec::new();
     for vmsize_mb in [256, 512, 1024, 2048] {
@@ -329,6 +346,30 @@ fn single_variable() {
     }
 }
 
+/// Above the jump, with and without auto-converge (QEMU's remedy, which
+/// the paper's hypervisors did not apply): the vCPUs are throttled step by
+/// step while rounds stay high, so the guest dirties less and the last
+/// round carries less. VMSIZE 1 GiB, so that 30 rounds end pre-copy before
+/// 3 × VMSIZE is sent.
+fn auto_converge() {
+    let reps = reps();
+    println!("above the jump, auto-converge off and on (link 1 Gbit/s, Xen's stop rules; {reps} run(s) a cell):");
+    println!("  {:<16}{} | max throttle %", "auto-converge", header());
+    for wset_mb in [32, 64] {
+        for rate in [35_000, 45_000] {
+            for on in [false, true] {
+                let t = Treatment {
+                    auto_converge: on,
+                    ..Treatment::cyclic(1024, wset_mb, rate)
+                };
+                let c = run_cell(&t, reps);
+                let label = if on { "on" } else { "off" };
+                println!("  {label:<16}{} | {}", row(&c), c.throttle_pct);
+            }
+        }
+    }
+}
+
 /// The paper's section V: VMSIZE × WSET × RATE, every combination.
 fn factorial() {
     let reps = reps();
@@ -354,5 +395,9 @@ fn main() {
     if !tests::require_kvm() {
         return;
     }
-    tests::run_bench_parts(&[("single", single_variable), ("factorial", factorial)]);
+    tests::run_bench_parts(&[
+        ("single", single_variable),
+        ("factorial", factorial),
+        ("auto_converge", auto_converge),
+    ]);
 }

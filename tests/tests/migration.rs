@@ -200,3 +200,47 @@ fn bandwidth_cap_is_honoured() {
         o.report
     );
 }
+
+/// A guest that rewrites its 8 MiB at 48 MB/s over a 25 MB/s link: every
+/// round re-sends all of it, and without help only `max_rounds` would end
+/// pre-copy, with the whole working set left for the downtime.
+/// Auto-converge throttles the vCPUs until a round fits the limit.
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    if !require_kvm() {
+        return;
+    }
+    let (r, _) = tests::verified_migration(
+        "auto-converge",
+        1,
+        "256M",
+        "wset=8M,rate=12000,fill=100",
+        &[
+            "--bandwidth",
+            "200Mbit",
+            "--max-downtime",
+            "100ms",
+            "--compression",
+            "none",
+            "--auto-converge",
+        ],
+    );
+    assert_eq!(r["limits"]["auto_converge"], json!(true));
+    assert_eq!(r["stop_rule"], json!("downtime"), "{r}");
+    let rounds = r["rounds"].as_array().unwrap();
+    let throttle = |i: usize| rounds[i]["throttle_pct"].as_u64().unwrap();
+    // Unthrottled, the guest dirtied more than half of what a round sent.
+    let (sent, dirtied) = (
+        rounds[0]["pages"].as_u64().unwrap(),
+        rounds[0]["dirtied_pages"].as_u64().unwrap(),
+    );
+    assert!(dirtied * 2 > sent, "the guest did not outrun the link: {r}");
+    assert_eq!(throttle(0), 0);
+    // The throttle only ever rose, and the round that converged ran throttled.
+    let last_live = rounds.len() - 2;
+    assert!(throttle(last_live) >= 20, "{r}");
+    assert!(
+        (1..=last_live).all(|i| throttle(i) >= throttle(i - 1)),
+        "{r}"
+    );
+}

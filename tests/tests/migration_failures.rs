@@ -25,6 +25,7 @@ fn source(dir: &std::path::Path) -> VmmProcess {
 fn assert_source_unharmed(src: &VmmProcess) {
     let s0 = src.state();
     assert_eq!(s0["paused"], json!(false), "source left paused");
+    assert_eq!(s0["throttle_pct"], json!(0), "source left throttled");
     std::thread::sleep(Duration::from_millis(300));
     let s1 = src.state();
     assert!(
@@ -109,6 +110,49 @@ fn destination_killed_during_a_round() {
         err.contains("migration failed") && err.contains("keeps running"),
         "{err}"
     );
+    assert_source_unharmed(&src);
+    src.quit();
+}
+
+/// Auto-converge has slowed the source's vCPUs when the destination dies:
+/// the failed migration gives them their full time back.
+#[test]
+fn destination_killed_while_the_source_is_throttled() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("dst-killed-throttled");
+    // 8 MiB rewritten at 48 MB/s over a 25 MB/s link: every round is high.
+    let src = VmmProcess::start(
+        &dir.join("src.sock"),
+        &[
+            "--memory",
+            "256M",
+            "--workload",
+            "wset=8M,rate=12000,fill=100",
+        ],
+    );
+    src.wait_running(Duration::from_secs(60));
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let t = migrate_in_background(
+        &dir.join("src.sock"),
+        &dst.addr,
+        &secret,
+        &[
+            "--bandwidth",
+            "200Mbit",
+            "--auto-converge",
+            "--max-rounds",
+            "1000",
+        ],
+    );
+    src.wait_for("the vCPUs throttled", Duration::from_secs(30), |s| {
+        s["throttle_pct"].as_u64() > Some(0)
+    });
+    dst.kill();
+    let (ok, _, err) = t.join().unwrap();
+    assert!(!ok && err.contains("keeps running"), "{err}");
     assert_source_unharmed(&src);
     src.quit();
 }

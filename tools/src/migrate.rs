@@ -77,6 +77,11 @@ pub struct MigrateArgs {
     /// Checksum every page on both sides and have the guest verify itself.
     #[arg(long)]
     verify: bool,
+    /// Pre-copy: throttle the vCPUs (20 %, then 10 points more every two
+    /// rounds, as QEMU) while the guest dirties more than half of what a
+    /// round sends.
+    #[arg(long)]
+    auto_converge: bool,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
@@ -154,6 +159,7 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "threshold": args.threshold,
         "deadline_ms": args.deadline,
         "predict": args.predict,
+        "auto_converge": args.auto_converge,
     });
     let sock = &args.api_socket;
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
@@ -228,7 +234,7 @@ pub fn print_report(r: &Value) {
     );
     for round in r["rounds"].as_array().into_iter().flatten() {
         println!(
-            "  round {:>2}{}: {:>8} pages {:>11} bytes {:>8.1} ms, dirtied {:>7} ({:.0} pages/s)",
+            "  round {:>2}{}: {:>8} pages {:>11} bytes {:>8.1} ms, dirtied {:>7} ({:.0} pages/s){}",
             round["round"],
             if round["paused"] == json!(true) {
                 " (paused)"
@@ -240,6 +246,10 @@ pub fn print_report(r: &Value) {
             round["duration_ms"].as_f64().unwrap_or(0.0),
             round["dirtied_pages"],
             round["dirty_rate_pages_s"].as_f64().unwrap_or(0.0),
+            match round["throttle_pct"].as_u64() {
+                Some(p) if p > 0 => format!(", vCPUs throttled {p} %"),
+                _ => String::new(),
+            }
         );
     }
     let pc = &r["postcopy"];
@@ -361,6 +371,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             bandwidth: None,
             compression: "auto".into(),
             verify: true,
+            auto_converge: false,
             json: args.json,
         })
     })();

@@ -65,6 +65,9 @@ pub struct MigrateRequest {
     /// whatever the mode.
     #[serde(default)]
     pub predict: bool,
+    /// Pre-copy: throttle the vCPUs while the guest outruns the link.
+    #[serde(default)]
+    pub auto_converge: bool,
 }
 
 /// A migration in progress or finished.
@@ -370,6 +373,7 @@ pub fn state_json(m: &Machine) -> Result<Value, String> {
         .sum();
     Ok(json!({
         "paused": m.is_paused(),
+        "throttle_pct": m.throttle(),
         "ram_populated_bytes": populated,
         "uptime_ms": m.uptime().as_millis() as u64,
         "config": m.config(),
@@ -500,6 +504,7 @@ impl migration::source::Planner for SeedPolicy {
 fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {
     let mut o = migration::Options {
         verify: req.verify,
+        auto_converge: req.auto_converge,
         ..Default::default()
     };
     if let Some(ms) = req.max_downtime_ms {

@@ -383,6 +383,17 @@ impl Machine {
         self.vcpus.resume();
     }
 
+    /// Keeps the vCPUs out of the guest `pct` % of the time (auto-converge;
+    /// 0 ends it).
+    pub fn set_throttle(&self, pct: u8) {
+        self.vcpus.set_throttle(pct);
+    }
+
+    /// The vCPU throttle, in percent.
+    pub fn throttle(&self) -> u8 {
+        self.vcpus.throttle()
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.vcpus.is_paused()

@@ -49,6 +49,10 @@ impl SourceVm for Machine {
         Machine::resume(self);
     }
 
+    fn set_throttle(&self, pct: u8) {
+        Machine::set_throttle(self, pct);
+    }
+
     fn config_blob(&self) -> Result<Vec<u8>, BoxError> {
         Ok(serde_json::to_vec(self.config())?)
     }

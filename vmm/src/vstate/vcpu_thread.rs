@@ -21,10 +21,22 @@
 //! vCPU state is consistent. So a thread never parks straight after an I/O
 //! exit; it re-enters, and parks when that returns `EINTR`.
 
+//!
+//! # Throttling (auto-converge)
+//! A guest that dirties memory faster than the link carries it never lets
+//! pre-copy converge. The remedy of QEMU's auto-converge is to give its
+//! vCPUs less time: with throttle `p` %, a ticker kicks every vCPU out of
+//! `KVM_RUN` every time slice (10 ms of running), and each kicked vCPU
+//! sleeps `10 ms · p / (100 − p)` before it re-enters, so it runs
+//! `100 − p` % of the time. The sleep is a wait on the control condition
+//! variable, so a pause or exit request ends it at once.
+
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuExit;
@@ -66,6 +78,24 @@ struct Shared {
     changed: Condvar,
     vcpus: Vec<Mutex<Vcpu>>,
     devices: Arc<Devices>,
+    /// Percent of the time each vCPU is kept out of the guest (0–99).
+    throttle_pct: AtomicU8,
+}
+
+/// How long a vCPU runs between two throttle kicks.
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// How long a kicked vCPU sleeps at throttle `pct` %.
+fn throttle_sleep_time(pct: u8) -> Duration {
+    let pct = u32::from(pct.min(99));
+    THROTTLE_SLICE * pct / (100 - pct)
+}
+
+/// The thread that kicks the vCPUs while they are throttled.
+#[derive(Debug)]
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
 }
 
 thread_local! {
@@ -100,7 +130,8 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 #[derive(Debug)]
 pub struct VcpuSet {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    ticker: Mutex<Option<Ticker>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -126,6 +157,7 @@ impl VcpuSet {
             changed: Condvar::new(),
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             devices,
+            throttle_pct: AtomicU8::new(0),
         });
         let on_stop = Arc::new(on_stop);
         let mut threads = Vec::new();
@@ -145,7 +177,11 @@ impl VcpuSet {
                 })?;
             threads.push(t);
         }
-        let set = Self { shared, threads };
+        let set = Self {
+            shared,
+            threads: Arc::new(Mutex::new(threads)),
+            ticker: Mutex::new(None),
+        };
         if paused {
             set.wait_parked(None);
         }
@@ -234,10 +270,45 @@ impl VcpuSet {
     }
 
     fn kick_all(&self) {
-        for t in &self.threads {
-            // A thread that already exited cannot be kicked; that is fine.
-            let _ = t.kill(kick_signal());
+        kick(&self.threads);
+    }
+
+    /// Keeps every vCPU out of the guest `pct` % of the time (0 = not at
+    /// all, at most 99); see the module's notes on throttling.
+    pub fn set_throttle(&self, pct: u8) {
+        let pct = pct.min(99);
+        self.shared.throttle_pct.store(pct, Ordering::Relaxed);
+        let mut ticker = lock(&self.ticker);
+        if pct == 0 {
+            if let Some(t) = ticker.take() {
+                t.stop.store(true, Ordering::Relaxed);
+                let _ = t.thread.join();
+            }
+            // A vCPU asleep in its throttle wait checks the level again.
+            self.shared.changed.notify_all();
+        } else if ticker.is_none() {
+            *ticker = self.start_ticker().ok();
         }
+    }
+
+    /// The throttle level, in percent.
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle_pct.load(Ordering::Relaxed)
+    }
+
+    fn start_ticker(&self) -> std::io::Result<Ticker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shared, threads, stop2) = (self.shared.clone(), self.threads.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    let pct = shared.throttle_pct.load(Ordering::Relaxed);
+                    std::thread::sleep(THROTTLE_SLICE + throttle_sleep_time(pct));
+                    kick(&threads);
+                }
+            })?;
+        Ok(Ticker { stop, thread })
     }
 
     /// Stops and joins every vCPU thread.
@@ -246,9 +317,11 @@ impl VcpuSet {
     }
 
     fn stop_threads(&mut self) {
+        self.set_throttle(0);
         request_all(&self.shared, Request::Exit, None);
         self.kick_all();
-        for t in self.threads.drain(..) {
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -257,6 +330,34 @@ impl VcpuSet {
 impl Drop for VcpuSet {
     fn drop(&mut self) {
         self.stop_threads();
+    }
+}
+
+fn kick(threads: &Mutex<Vec<JoinHandle<()>>>) {
+    for t in lock(threads).iter() {
+        // A thread that already exited cannot be kicked; that is fine.
+        let _ = t.kill(kick_signal());
+    }
+}
+
+/// After a kick, while throttled: stays out of the guest for the throttle's
+/// sleep time, or until the controller asks for something else than `Run`.
+fn throttle_wait(shared: &Shared) {
+    let pct = shared.throttle_pct.load(Ordering::Relaxed);
+    if pct == 0 {
+        return;
+    }
+    let until = Instant::now() + throttle_sleep_time(pct);
+    let mut c = lock(&shared.control);
+    while c.request == Request::Run && shared.throttle_pct.load(Ordering::Relaxed) > 0 {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        c = shared
+            .changed
+            .wait_timeout(c, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 
@@ -308,9 +409,16 @@ fn vcpu_loop(shared: &Shared, index: usize) -> Option<StopReason> {
         KVM_RUN.with(|c| c.set(run));
     }
     let mut consistent = true; // no half-done I/O instruction
+    let mut kicked = false;
     loop {
-        if consistent && !wait_for_run(shared) {
-            return None;
+        if consistent {
+            if kicked {
+                throttle_wait(shared);
+                kicked = false;
+            }
+            if !wait_for_run(shared) {
+                return None;
+            }
         }
         let mut vcpu = lock(&shared.vcpus[index]);
         let idx = vcpu.index();
@@ -324,6 +432,7 @@ fn vcpu_loop(shared: &Shared, index: usize) -> Option<StopReason> {
             Err(e) if e.errno() == libc::EINTR => {
                 vcpu.fd_mut().set_kvm_immediate_exit(0);
                 consistent = true;
+                kicked = true;
             }
             Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => {

@@ -141,12 +141,60 @@ pub fn count(bitmap: &[u64]) -> u64 {
     bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
-/// Sends one round: the given page runs, then `RoundEnd`.
+/// How many pages a round sends between two looks at the dirty log when
+/// it skips re-dirtied pages (4 MiB, as Xen).
+const PEEK_PAGES: u64 = 1024;
+
+/// Xen's "to skip" list: a page the guest dirtied again since this round
+/// began will be sent by the next round anyway, so sending it now is
+/// wasted. Every [`PEEK_PAGES`] pages the dirty log is read and OR'd into
+/// `seen` (so that nothing read is lost: the caller adds `seen` to the
+/// round's dirty set), and pages set there are skipped.
+struct Redirtied<'a> {
+    seen: &'a mut [u64],
+    since_peek: u64,
+    skipped: u64,
+}
+
+impl Redirtied<'_> {
+    /// The parts of run `(first, n)` to send now.
+    fn filter<V: SourceVm>(
+        &mut self,
+        vm: &V,
+        first: u64,
+        n: u64,
+    ) -> Result<Vec<(u64, u64)>, MigrationError> {
+        if self.since_peek >= PEEK_PAGES {
+            let fresh = vm
+                .take_dirty_bitmap()
+                .map_err(vm_err("read the dirty log"))?;
+            self.seen.iter_mut().zip(&fresh).for_each(|(s, f)| *s |= f);
+            self.since_peek = 0;
+        }
+        let clean = |p: u64| self.seen[(p / 64) as usize] & (1 << (p % 64)) == 0;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for p in (first..first + n).filter(|&p| clean(p)) {
+            match out.last_mut() {
+                Some((f, k)) if *f + *k == p => *k += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+        let kept: u64 = out.iter().map(|r| r.1).sum();
+        self.skipped += n - kept;
+        self.since_peek += n;
+        Ok(out)
+    }
+}
+
+/// Sends one round: the given page runs, then `RoundEnd`. With `redirtied`
+/// (a bitmap, zero at the start of the round), pages the guest dirties
+/// again meanwhile are skipped and left set there.
 pub fn send_round<V: SourceVm>(
     s: &mut PageSender<'_, V>,
     round: u32,
     page_runs: &[(u64, u64)],
     paused: bool,
+    redirtied: Option<&mut [u64]>,
 ) -> Result<Round, MigrationError> {
     let t = Instant::now();
     let wire0 = s.out.bytes;
@@ -162,8 +210,22 @@ pub fn send_round<V: SourceVm>(
         p.round_pages_sent = 0;
         p.round_pages_total = total;
     });
+    let mut redirtied = redirtied.map(|seen| Redirtied {
+        seen,
+        since_peek: 0,
+        skipped: 0,
+    });
     for &(first, n) in page_runs {
-        s.send_run(first, n)?;
+        let Some(rd) = redirtied.as_mut() else {
+            s.send_run(first, n)?;
+            continue;
+        };
+        for chunk in (first..first + n).step_by(PEEK_PAGES as usize) {
+            let len = (first + n - chunk).min(PEEK_PAGES);
+            for (f, k) in rd.filter(s.vm, chunk, len)? {
+                s.send_run(f, k)?;
+            }
+        }
     }
     s.flush_batch()?;
     s.send(Kind::RoundEnd, &encode_round_end(round))?;
@@ -185,6 +247,7 @@ pub fn send_round<V: SourceVm>(
         duration_ms: duration * 1e3,
         bandwidth_mb_s: bytes as f64 / duration.max(1e-9) / 1e6,
         paused,
+        skipped_pages: redirtied.map_or(0, |rd| rd.skipped),
         ..Default::default()
     })
 }
@@ -233,12 +296,18 @@ pub fn run_rounds<V: SourceVm>(
     let mut bandwidth = f64::INFINITY;
     // Throttling serves the downtime rule; hybrid post-copies its dirty rest.
     let mut throttle = (opts.auto_converge && mask.is_none()).then(Throttle::default);
+    let mut redirtied = opts.skip_redirtied.then(|| vec![0u64; words]);
     for round in 0.. {
-        let mut r = send_round(s, round, &page_runs, false)?;
+        let mut r = send_round(s, round, &page_runs, false, redirtied.as_deref_mut())?;
         r.throttle_pct = throttle.as_ref().map_or(0, Throttle::pct);
         let mut dirty =
             s.vm.take_dirty_bitmap()
                 .map_err(vm_err("read the dirty log"))?;
+        if let Some(seen) = redirtied.as_mut() {
+            // Skipped pages are still dirty: they go with the next round.
+            dirty.iter_mut().zip(seen.iter()).for_each(|(d, s)| *d |= s);
+            seen.fill(0);
+        }
         // Only the share's pages are pre-copy's business.
         let relevant: Vec<u64> = match &mask {
             Some(m) => dirty.iter().zip(m).map(|(d, m)| d & m).collect(),

@@ -31,6 +31,9 @@ pub struct Round {
     /// Percent of the time the vCPUs were kept out of the guest during
     /// this round (auto-converge; 0 when not throttled).
     pub throttle_pct: u8,
+    /// Pages of this round's list left for the next one because the guest
+    /// dirtied them again before they were sent (`skip_redirtied`).
+    pub skipped_pages: u64,
 }
 
 /// Where the downtime went.
@@ -63,6 +66,7 @@ pub struct Limits {
     pub max_bytes: u64,
     pub bandwidth_bytes_s: Option<u64>,
     pub auto_converge: bool,
+    pub skip_redirtied: bool,
 }
 
 /// The final report.

@@ -87,6 +87,9 @@ pub struct Options {
     /// Pre-copy: throttle the vCPUs while the guest dirties memory faster
     /// than rounds send it (see `precopy::Throttle`).
     pub auto_converge: bool,
+    /// Pre-copy: skip pages the guest dirtied again since the round began
+    /// (Xen's "to skip"; see `precopy::send_round`).
+    pub skip_redirtied: bool,
 }
 
 /// Chooses how to migrate once the link rate is known.
@@ -109,6 +112,7 @@ impl Default for Options {
             threshold: 8 << 20,
             planner: None,
             auto_converge: false,
+            skip_redirtied: false,
         }
     }
 }
@@ -325,6 +329,7 @@ pub fn migrate<V: SourceVm>(
                 max_bytes: opts.max_bytes,
                 bandwidth_bytes_s: opts.bandwidth,
                 auto_converge: opts.auto_converge,
+                skip_redirtied: opts.skip_redirtied,
             };
             let _ = vm.stop_dirty_log();
             Ok(report)

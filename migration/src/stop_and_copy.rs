@@ -43,7 +43,7 @@ pub fn switch_over<V: SourceVm>(
     }
     let last_runs: Vec<_> = runs(&dirty).collect();
     let mut rounds = pre.rounds;
-    let last = send_round(s, rounds.len() as u32, &last_runs, true)?;
+    let last = send_round(s, rounds.len() as u32, &last_runs, true, None)?;
     let last_round_ms = last.duration_ms;
     rounds.push(last);
 

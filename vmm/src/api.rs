@@ -68,6 +68,9 @@ pub struct MigrateRequest {
     /// Pre-copy: throttle the vCPUs while the guest outruns the link.
     #[serde(default)]
     pub auto_converge: bool,
+    /// Pre-copy: skip pages dirtied again since the round began.
+    #[serde(default)]
+    pub skip_redirtied: bool,
 }
 
 /// A migration in progress or finished.
@@ -505,6 +508,7 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
     let mut o = migration::Options {
         verify: req.verify,
         auto_converge: req.auto_converge,
+        skip_redirtied: req.skip_redirtied,
         ..Default::default()
     };
     if let Some(ms) = req.max_downtime_ms {

@@ -147,6 +147,18 @@ pub fn receive(args: ReceiveArgs) -> Result<(), String> {
     crate::run::serve_and_loop(&ctl, &args.after)
 }
 
+/// What a round did besides sending pages: throttling, skipped pages.
+fn round_extras(round: &Value) -> String {
+    let mut out = String::new();
+    if let Some(p) = round["throttle_pct"].as_u64().filter(|p| *p > 0) {
+        out += &format!(", vCPUs throttled {p} %");
+    }
+    if let Some(n) = round["skipped_pages"].as_u64().filter(|n| *n > 0) {
+        out += &format!(", {n} re-dirtied skipped");
+    }
+    out
+}
+
 /// Asks a running vmm to migrate, shows progress, prints the report.
 pub fn migrate(args: MigrateArgs) -> Result<(), String> {
     let req = json!({
@@ -252,16 +264,7 @@ pub fn print_report(r: &Value) {
             round["duration_ms"].as_f64().unwrap_or(0.0),
             round["dirtied_pages"],
             round["dirty_rate_pages_s"].as_f64().unwrap_or(0.0),
-            [
-                ("throttle_pct", ", vCPUs throttled {} %"),
-                ("skipped_pages", ", {} re-dirtied skipped")
-            ]
-            .iter()
-            .filter_map(|(k, text)| round[k]
-                .as_u64()
-                .filter(|v| *v > 0)
-                .map(|v| text.replace("{}", &v.to_string())))
-            .collect::<String>()
+            round_extras(round)
         );
     }
     let pc = &r["postcopy"];

@@ -20,7 +20,6 @@
 //! `immediate_exit` set, so no further guest instruction runs — before the
 //! vCPU state is consistent. So a thread never parks straight after an I/O
 //! exit; it re-enters, and parks when that returns `EINTR`.
-
 //!
 //! # Throttling (auto-converge)
 //! A guest that dirties memory faster than the link carries it never lets
@@ -282,12 +281,19 @@ impl VcpuSet {
         if pct == 0 {
             if let Some(t) = ticker.take() {
                 t.stop.store(true, Ordering::Relaxed);
+                t.thread.thread().unpark();
                 let _ = t.thread.join();
             }
             // A vCPU asleep in its throttle wait checks the level again.
             self.shared.changed.notify_all();
         } else if ticker.is_none() {
-            *ticker = self.start_ticker().ok();
+            match self.start_ticker() {
+                Ok(t) => *ticker = Some(t),
+                Err(e) => {
+                    tracing::warn!("cannot throttle the vCPUs: no ticker thread: {e}");
+                    self.shared.throttle_pct.store(0, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -301,12 +307,20 @@ impl VcpuSet {
         let (shared, threads, stop2) = (self.shared.clone(), self.threads.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("vcpu-throttle".into())
-            .spawn(move || {
-                while !stop2.load(Ordering::Relaxed) {
-                    let pct = shared.throttle_pct.load(Ordering::Relaxed);
-                    std::thread::sleep(THROTTLE_SLICE + throttle_sleep_time(pct));
-                    kick(&threads);
+            .spawn(move || loop {
+                let pct = shared.throttle_pct.load(Ordering::Relaxed);
+                let next = Instant::now() + THROTTLE_SLICE + throttle_sleep_time(pct);
+                // Parked, not asleep: `set_throttle(0)` unparks it to stop.
+                while let Some(left) = next.checked_duration_since(Instant::now()) {
+                    if stop2.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::park_timeout(left);
                 }
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                kick(&threads);
             })?;
         Ok(Ticker { stop, thread })
     }

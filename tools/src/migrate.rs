@@ -41,8 +41,8 @@ pub struct MigrateArgs {
     /// File with the shared secret.
     #[arg(long)]
     secret: PathBuf,
-    /// Migration mode: pre, post, or hybrid (pre-copy a share, post-copy
-    /// the rest).
+    /// Migration mode: pre, post, hybrid (pre-copy a share, post-copy the
+    /// rest), or auto (measure r, w and μ; the model chooses).
     #[arg(long, default_value = "pre", value_parser = ["pre", "post", "hybrid", "auto"])]
     mode: String,
     /// Measure r, w and μ first and report the model's prediction beside

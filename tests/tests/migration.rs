@@ -226,7 +226,10 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link() {
         ],
     );
     assert_eq!(r["limits"]["auto_converge"], json!(true));
-    assert_eq!(r["stop_rule"], json!("downtime"), "{r}");
+    // Converged: a round fit the limit, or the throttled guest (asleep
+    // most of the time) dirtied nothing at all during one.
+    let rule = r["stop_rule"].as_str().unwrap();
+    assert!(rule == "downtime" || rule == "converged", "{r}");
     let rounds = r["rounds"].as_array().unwrap();
     let throttle = |i: usize| rounds[i]["throttle_pct"].as_u64().unwrap();
     // Unthrottled, the guest dirtied more than half of what a round sent.

@@ -54,22 +54,25 @@ pub struct BenchRun {
 /// (measuring its write rate meanwhile), migrates it with `args` to a fresh
 /// `vmm receive`.
 pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> BenchRun {
-    let dir = scratch(name);
-    let secret = secret_file(&dir, "secret", "benchmark secret 0123456789");
-    let src = VmmProcess::start(
-        &dir.join("src.sock"),
+    let ends = Ends::start(
+        name,
         &["--memory", mem, "--workload", workload],
+        Duration::from_millis(500),
+        &[],
     );
-    src.wait_running(Duration::from_secs(120));
-    let s0 = src.state();
-    std::thread::sleep(Duration::from_millis(500));
-    let before = src.state();
     let written = |s: &Value| per_vcpu(s, "pages_written").iter().sum::<u64>() as f64;
-    let secs = (before["uptime_ms"].as_f64().unwrap() - s0["uptime_ms"].as_f64().unwrap()) / 1e3;
-    let guest_write_pages_s = (written(&before) - written(&s0)) / secs;
-    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
-    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, args);
+    let uptime_s = |s: &Value| s["uptime_ms"].as_f64().unwrap() / 1e3;
+    let (s0, before) = (&ends.running, &ends.before);
+    let guest_write_pages_s = (written(before) - written(s0)) / (uptime_s(before) - uptime_s(s0));
+    let (ok, report, err) = ends.migrate(args);
     assert!(ok, "{err}");
+    let Ends {
+        dir,
+        src,
+        dst,
+        before,
+        ..
+    } = ends;
     src.quit();
     drop(dst);
     let _ = std::fs::remove_dir_all(dir);
@@ -77,6 +80,58 @@ pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> 
         report,
         before,
         guest_write_pages_s,
+    }
+}
+
+/// The two ends of a migration on loopback: a source `vmm` running a guest,
+/// and a fresh `vmm receive` started once the guest has run a while.
+pub struct Ends {
+    pub dir: PathBuf,
+    pub secret: PathBuf,
+    pub src: VmmProcess,
+    pub dst: Receiver,
+    /// The source's state as soon as its guest ran.
+    pub running: Value,
+    /// The source's state just before the receiver started.
+    pub before: Value,
+}
+
+impl Ends {
+    /// Boots the source with `source_args`, lets its guest run `settle`,
+    /// then starts the receiver with `receiver_args`.
+    pub fn start(
+        name: &str,
+        source_args: &[&str],
+        settle: Duration,
+        receiver_args: &[&str],
+    ) -> Self {
+        let dir = scratch(name);
+        let secret = secret_file(&dir, "secret", "correct horse battery staple");
+        let src = VmmProcess::start(&dir.join("src.sock"), source_args);
+        src.wait_running(Duration::from_secs(60));
+        let running = src.state();
+        std::thread::sleep(settle);
+        let before = src.state();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let dst = Receiver::start_with(&dir, &addr, &secret, None, receiver_args);
+        Self {
+            dir,
+            secret,
+            src,
+            dst,
+            running,
+            before,
+        }
+    }
+
+    /// Runs `vmm migrate` from the source to the receiver (see [`migrate`]).
+    pub fn migrate(&self, args: &[&str]) -> (bool, Value, String) {
+        migrate(
+            &self.dir.join("src.sock"),
+            &self.dst.addr,
+            &self.secret,
+            args,
+        )
     }
 }
 
@@ -581,30 +636,20 @@ pub fn verified_migration_with(
     receiver_args: &[&str],
     extra: &[&str],
 ) -> (Value, Value) {
-    let dir = scratch(name);
-    let secret = secret_file(&dir, "secret", "correct horse battery staple");
     let vcpus_s = vcpus.to_string();
-    let src = VmmProcess::start(
-        &dir.join("src.sock"),
+    let ends = Ends::start(
+        name,
         &["--memory", mem, "--vcpus", &vcpus_s, "--workload", workload],
-    );
-    src.wait_running(Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(300));
-    let before = src.state();
-    let dst = Receiver::start_with(
-        &dir,
-        &format!("127.0.0.1:{}", free_port()),
-        &secret,
-        None,
+        Duration::from_millis(300),
         receiver_args,
     );
     let mut args = vec!["--verify"];
     args.extend_from_slice(extra);
-    let (ok, report, err) = migrate(&dir.join("src.sock"), &dst.addr, &secret, &args);
+    let (ok, report, err) = ends.migrate(&args);
     assert!(
         ok,
         "migration failed: {err}\ndestination: {}",
-        dst.stderr_text()
+        ends.dst.stderr_text()
     );
     let ram_pages = parse_mem(mem) / 4096;
     assert_eq!(report["mismatched_pages"], json!(0), "{report}");
@@ -615,6 +660,13 @@ pub fn verified_migration_with(
     );
     assert_eq!(report["guest_verified"], json!(true), "{report}");
     // The source process ends: its guest lives on the destination now.
+    let Ends {
+        dir,
+        src,
+        dst,
+        before,
+        ..
+    } = ends;
     let (code, _, err) = src.quit();
     assert_eq!(code, 0, "source: {err}");
     assert_guest_lives_on(&dst, vcpus, &before);

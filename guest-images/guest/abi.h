@@ -47,16 +47,22 @@
 #define ABI_PARAM_TIMER_HZ     13  /* LAPIC periodic timer frequency */
 #define ABI_PARAM_BPC          14  /* if non-zero: blocks dirtied per cycle ... */
 #define ABI_PARAM_PERIOD_MS    15  /* ... every PERIOD ms (seed 002); overrides WRITE_RATE */
-#define ABI_PARAM_COUNT        16
+#define ABI_PARAM_IDLE         16  /* ABI_IDLE_* : what a vCPU does with nothing due */
+#define ABI_PARAM_COUNT        17
 
 #define ABI_PROBE_MAGIC        0x50524F42  /* "PROB" */
-#define ABI_VERSION            1
+#define ABI_VERSION            2
 #define ABI_PATTERN_SEQUENTIAL 0           /* cyclic over the slice, as seed 002 */
 #define ABI_PATTERN_RANDOM     1
+#define ABI_IDLE_HALT          0           /* halt until the next timer tick */
+#define ABI_IDLE_SPIN          1           /* spin on `pause` (a busy guest) */
 
 /* OUT dword to these ports: */
 #define ABI_PORT_HEARTBEAT     0x780       /* value = low 32 bits of this vCPU's heartbeat count */
 #define ABI_PORT_EVENT         0x784       /* value = (code << 24) | (arg & 0xFFFFFF) */
+/* A heartbeat sent by a halted vCPU at a timer tick slower than its
+ * heartbeat interval: the next one may come a whole tick later. Same value. */
+#define ABI_PORT_HEARTBEAT_IDLE 0x788
 
 #define ABI_EVENT_BOOTED       1   /* arg = vCPU index, now in ring 3 */
 #define ABI_EVENT_FILLED       2   /* arg = vCPU index, its slice carries generation 1 */
@@ -92,6 +98,7 @@
 #define ABI_PC_EXC_RIP         96
 #define ABI_PC_READ_ERRORS     104 /* pages whose checksum failed on a read */
 #define ABI_PC_SLICE_PAGES     112 /* working-set pages owned by this vCPU */
+#define ABI_PC_HALTS           120 /* times this vCPU halted (ring-3 requests) */
 
 #define ABI_PHASE_BOOTING      0
 #define ABI_PHASE_FILLING      1

@@ -58,6 +58,7 @@
 #define CR4_OSFXSR     0x200
 #define CR4_OSXMMEXCPT 0x400
 #define MSR_EFER 0xC0000080
+#define MSR_GS_BASE 0xC0000101
 #define EFER_LME 0x100
 
 #define LAPIC_EOI   0xB0
@@ -118,7 +119,8 @@ pvh_entry32:
         jz      1f                      /* ring 3 rejects it anyway */
         mov     %eax, %ebx
 1:
-        /* LAPIC timer initial count = 1e9 / timer_hz (1 GHz APIC clock) */
+        /* LAPIC timer initial count = 1e9 / timer_hz (1 GHz APIC clock);
+         * a halting vCPU sets its own tick from ring 3 (workload.c) */
         mov     $1000000000, %eax
         xor     %edx, %edx
         div     %ebx
@@ -233,6 +235,13 @@ long_mode:
         add     $(ABI_STATUS_GPA + ABI_PERCPU_OFFSET), %ecx
         mov     %rcx, -8(%rsp)
         sub     $16, %rsp
+        /* GS base = the status block too, so that the timer ISR and the
+         * halt door reach TICKS and HEARTBEATS in one instruction (ring 3
+         * never uses GS) */
+        mov     %ecx, %eax
+        xor     %edx, %edx
+        mov     $MSR_GS_BASE, %ecx
+        wrmsr
 
         lidt    idt_ptr
         mov     %esi, %eax
@@ -265,17 +274,14 @@ long_mode:
         iretq
 
 /*
- * LAPIC timer, vector 0x20. Only ever taken from ring 3 (ring 0 runs with
- * IF=0), so RSP = TSS.RSP0 - 40 on entry and the status-block pointer is at
- * RSP0 + 8 = 48(%rsp) before the push, 56(%rsp) after.
+ * LAPIC timer, vector 0x20. Taken from ring 3, or in ring 0 inside the halt
+ * door (the only place ring 0 enables interrupts). Three instructions,
+ * touching no register: an idle vCPU runs this at every tick, and each
+ * ring-0 instruction is emulated.
  */
 timer_isr:
-        push    %rax
-        mov     56(%rsp), %rax
-        incq    ABI_PC_TICKS(%rax)
-        mov     $(ABI_LAPIC_GPA + LAPIC_EOI), %eax
-        movl    $0, (%rax)
-        pop     %rax
+        incq    %gs:ABI_PC_TICKS
+        movabs  %eax, ABI_LAPIC_GPA + LAPIC_EOI /* EOI (any value) */
         iretq
 
 /* LAPIC spurious vector 0xFF: no EOI. */
@@ -336,14 +342,18 @@ exc\vec:
  * IN/OUT raises #GP instead. So this handler emulates the four one-byte
  * forms the ring-3 code uses (IN/OUT with the port in DX: EC, ED, EE, EF):
  * do the access here at CPL 0 with the faulting context's own EAX/DX, step
- * RIP over the instruction and return. OUT dword (heartbeats, events) is
- * tested first: 10 instructions. Any other #GP is a real exception.
+ * RIP over the instruction and return. HLT (0xF4) goes to the halt door
+ * below, tested first because an idle vCPU takes it at every wake-up; OUT
+ * dword (heartbeats, events) next: 12 instructions. Any other #GP is a
+ * real exception.
  * Entry stack: error code, RIP, CS, RFLAGS, RSP, SS.
  */
 exc13:
         push    %rcx
         mov     16(%rsp), %rcx          /* faulting RIP */
         movzbl  (%rcx), %ecx            /* its first byte */
+        cmp     $0xF4, %ecx
+        je      halt_door
         cmp     $0xEF, %ecx
         jne     1f
         out     %eax, %dx               /* out %eax, (%dx) */
@@ -367,6 +377,37 @@ io_done:
 4:      pop     %rcx
         pushq   $13
         jmp     exc_common
+
+/*
+ * The halt door. HLT is privileged, so ring 3's HLT traps here as #GP, and
+ * this is where a vCPU with nothing to do sleeps. Ring 3 passes:
+ *   RSI = the TICKS value to sleep until (its snapshot of TICKS + n);
+ *   RDX = the port for the heartbeat sent at each tick while halted
+ *         (ABI_PORT_HEARTBEAT or ABI_PORT_HEARTBEAT_IDLE).
+ * Interrupts are off from the #GP to STI;HLT, and STI's one-instruction
+ * shadow makes that pair atomic: a tick that arrived after ring 3 took its
+ * snapshot is seen by the TICKS check, one that arrives later wakes the
+ * HLT. So no tick is ever slept through. KVM sees a real HLT: the vCPU
+ * thread blocks in the host kernel and KVM_GET_MP_STATE says HALTED.
+ * Per tick: the timer ISR (3) + 9 instructions here + the OUT's exit.
+ */
+halt_door:
+        incq    16(%rsp)                /* RIP past the HLT */
+        push    %rax
+        jmp     6f
+5:      sti
+        hlt
+        cli
+        incq    %gs:ABI_PC_HEARTBEATS
+        mov     %gs:ABI_PC_HEARTBEATS, %rax
+        out     %eax, %dx
+6:      mov     %gs:ABI_PC_TICKS, %rax
+        sub     %rsi, %rax
+        js      5b                      /* TICKS < target: sleep on */
+        pop     %rax
+        pop     %rcx
+        add     $8, %rsp                /* error code */
+        iretq
 
 exc_common:
         /* stack: vector, error code, RIP, CS, RFLAGS, RSP, SS */
@@ -449,6 +490,7 @@ smp_tramp_end:
 
         .balign 8
 tables_ready:   .long 0                 /* set by the BSP, APs spin on it */
+        .globl timer_count
 timer_count:    .long 0                 /* LAPIC initial count, by the BSP */
         .globl pt_1g_pages
 pt_1g_pages:    .long 0                 /* 1 if mapped with 1 GiB pages */

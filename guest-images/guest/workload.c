@@ -50,11 +50,15 @@
 #define DEF_HB_US       1000
 #endif
 #define DEF_TIMER_HZ    100
+#ifndef DEF_IDLE
+#define DEF_IDLE        ABI_IDLE_HALT
+#endif
 
 #define MAX_GIB         64      /* boot.S maps at most 64 GiB */
 #define MAX_TIMER_HZ    10000
 #define CATCHUP_MS      10      /* most work done at once after a pause */
 #define WORK_PER_LOOP   64      /* pages written (or read) per loop iteration */
+#define IDLE_POLL_MS    100     /* an idle vCPU looks at its mailbox this often */
 
 #define STATUS      ((volatile u64 *)ABI_STATUS_GPA)
 #define GEN_TABLE   ((volatile u32 *)ABI_GEN_TABLE_GPA)
@@ -75,7 +79,8 @@ struct vcpu {
 	u64 wrate, rrate, bpc, period_tsc, next_burst;
 	u64 wacc, racc, wpend, rpend, wcap, rcap;
 	u64 wcursor, rcursor, rng;
-	u64 busy_tsc, slot_start, alu;
+	u64 busy_tsc, slot_tsc, slot_start, alu;
+	u64 tick_tsc, idle_ticks, halt_port; /* halting: tick length, ticks per idle halt */
 
 	u64 fpu_n, fpu_reported;
 	u64 last_seq;
@@ -327,6 +332,7 @@ static void read_params(struct vcpu *v)
 	v->p[ABI_PARAM_PERIOD_MS] = DEF_PERIOD_MS;
 	v->p[ABI_PARAM_HB_US] = DEF_HB_US;
 	v->p[ABI_PARAM_TIMER_HZ] = DEF_TIMER_HZ;
+	v->p[ABI_PARAM_IDLE] = DEF_IDLE;
 }
 
 /* Returns the index of the first rejected parameter, or -1. */
@@ -364,6 +370,8 @@ static long validate(const struct vcpu *v)
 		return ABI_PARAM_TIMER_HZ;
 	if (p[ABI_PARAM_BPC] != 0 && p[ABI_PARAM_PERIOD_MS] < 1)
 		return ABI_PARAM_PERIOD_MS;
+	if (p[ABI_PARAM_IDLE] != ABI_IDLE_HALT && p[ABI_PARAM_IDLE] != ABI_IDLE_SPIN)
+		return ABI_PARAM_IDLE;
 	return -1;
 }
 
@@ -420,6 +428,80 @@ static void banner(const struct vcpu *v)
 		v->probe ? "" : " (calibrated)", pt_1g_pages ? "1GiB" : "2MiB");
 }
 
+/* ---- idling ------------------------------------------------------------------------ */
+
+static void pause_burst(void)
+{
+	for (int i = 0; i < 8; i++)
+		cpu_relax();
+}
+
+/* The LAPIC timer's initial count, which boot.S set to 1e9 / TIMER_HZ (KVM's
+ * APIC clock runs at 1 GHz, divided by 1): the tick length in ns. */
+extern const volatile u32 timer_count;
+#define LAPIC_TICR ((volatile u32 *)(ABI_LAPIC_GPA + 0x380))
+
+/* A halting vCPU sleeps from one timer tick to the next, so its tick is how
+ * finely it can pace its work and how often it beats while halted:
+ *   - vCPU 0 (the guest's clock, whose heartbeats measure downtime) and any
+ *     vCPU with paced work or CPU load tick at least at the heartbeat rate;
+ *   - a vCPU with nothing at all to do needs to wake only for its mailbox,
+ *     every IDLE_POLL_MS, like a tickless (NOHZ) kernel's idle CPU.
+ * Writing the initial count restarts the periodic timer with the new one
+ * (one trapped MMIO store, once). */
+static void choose_tick(struct vcpu *v)
+{
+	const u64 *p = v->p;
+	u64 ns = timer_count, hb_ns = p[ABI_PARAM_HB_US] * 1000;
+	if (p[ABI_PARAM_IDLE] == ABI_IDLE_HALT) {
+		int busy = v->wrate || v->rrate || v->bpc || p[ABI_PARAM_CPU_LOAD_PCT];
+		if (v->cpu == 0 || busy) {
+			if (ns > hb_ns)
+				ns = hb_ns;
+		} else if (ns < IDLE_POLL_MS * 1000000UL) {
+			ns = IDLE_POLL_MS * 1000000UL;
+		}
+		if (ns != timer_count)
+			*LAPIC_TICR = (u32)ns;
+	}
+	v->tick_tsc = ns * p[ABI_PARAM_TSC_KHZ] / 1000000;
+	if (v->tick_tsc == 0)
+		v->tick_tsc = 1;
+	v->idle_ticks = IDLE_POLL_MS * 1000000UL / ns;
+	if (v->idle_ticks == 0)
+		v->idle_ticks = 1;
+	/* beats while halted: on the heartbeat port if they come at least every
+	 * hb_us, else on the idle port, which tells the VMM that the gap after
+	 * it is one tick of a vCPU with nothing to do, not a stall */
+	v->halt_port = ns <= hb_ns ? ABI_PORT_HEARTBEAT : ABI_PORT_HEARTBEAT_IDLE;
+}
+
+/* Sleep until the TICKS count reaches `ticks` more than now, through the
+ * halt door (boot.S): ring 3's HLT traps as #GP, ring 0 halts for real and
+ * heart-beats on `halt_port` at each tick. Nothing of the workload is due
+ * before then: the caller checked. */
+static void halt_ticks(struct vcpu *v, u64 ticks)
+{
+	u64 target = ST(v, ABI_PC_TICKS) + ticks;
+	ST(v, ABI_PC_HALTS) = ST(v, ABI_PC_HALTS) + 1;
+	__asm__ volatile("hlt" : : "S"(target), "d"(v->halt_port) : "memory");
+	/* ring 0 beat at every tick it woke for: the interval restarts now */
+	v->last_hb = rdtsc();
+}
+
+/* Nothing due now. A vCPU with paced work or CPU load wakes at the next
+ * tick (its pacing credit then covers the time it slept); an idle one
+ * sleeps IDLE_POLL_MS worth of ticks, then polls its mailbox. */
+static void idle(struct vcpu *v)
+{
+	if (v->p[ABI_PARAM_IDLE] == ABI_IDLE_SPIN) {
+		pause_burst();
+		return;
+	}
+	int paced = v->wrate || v->rrate || v->bpc || v->busy_tsc;
+	halt_ticks(v, paced ? 1 : v->idle_ticks);
+}
+
 /* ---- the CPU-load filler ------------------------------------------------------ */
 
 static void alu_burst(struct vcpu *v)
@@ -434,11 +516,6 @@ static void alu_burst(struct vcpu *v)
 	v->alu = x;
 }
 
-static void pause_burst(void)
-{
-	for (int i = 0; i < 8; i++)
-		cpu_relax();
-}
 
 /* ---- no-probe reporting (QEMU) -------------------------------------------------- */
 
@@ -564,7 +641,11 @@ void user_main(u64 cpu)
 		v->wrate = v->rrate = v->bpc = 0;
 	if (v->read_pages == 0)
 		v->rrate = 0;
-	v->busy_tsc = v->ms_tsc * p[ABI_PARAM_CPU_LOAD_PCT] / 100;
+	/* CPU load: busy for LOAD% of each slot; a slot is 1 ms when spinning
+	 * and one timer tick when halting, so that the rest is one halt */
+	choose_tick(v);
+	v->slot_tsc = p[ABI_PARAM_IDLE] == ABI_IDLE_HALT ? v->tick_tsc : v->ms_tsc;
+	v->busy_tsc = v->slot_tsc * p[ABI_PARAM_CPU_LOAD_PCT] / 100;
 	v->rng = pat_mix(0x5EED0000UL + cpu) | 1;
 	ST(v, ABI_PC_SLICE_PAGES) = v->slice_pages;
 
@@ -640,20 +721,20 @@ void user_main(u64 cpu)
 
 		fpu_tick(v);
 
-		/* ---- CPU load: ALU for load% of each ms, pause for the rest ---- */
+		/* ---- CPU load: ALU for load% of each slot, idle for the rest ---- */
 		if (!v->wpend && !v->rpend) {
 			u64 pos = now - v->slot_start;
-			if ((i64)pos < 0 || pos >= 2 * v->ms_tsc) {
+			if ((i64)pos < 0 || pos >= 2 * v->slot_tsc) {
 				v->slot_start = now;
 				pos = 0;
-			} else if (pos >= v->ms_tsc) {
-				v->slot_start += v->ms_tsc;
-				pos -= v->ms_tsc;
+			} else if (pos >= v->slot_tsc) {
+				v->slot_start += v->slot_tsc;
+				pos -= v->slot_tsc;
 			}
 			if (pos < v->busy_tsc)
 				alu_burst(v);
 			else
-				pause_burst();
+				idle(v);
 		}
 
 		ST(v, ABI_PC_LOOPS) = ST(v, ABI_PC_LOOPS) + 1;

@@ -43,21 +43,30 @@ pub mod param {
     pub const TIMER_HZ: u64 = 13;
     pub const BPC: u64 = 14;
     pub const PERIOD_MS: u64 = 15;
-    pub const COUNT: u64 = 16;
+    pub const IDLE: u64 = 16;
+    pub const COUNT: u64 = 17;
 }
 /// What `IN` from parameter 0 returns when the probe exists.
 pub const PROBE_MAGIC: u64 = 0x5052_4F42;
 /// Version of this contract.
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 /// Pages are dirtied cyclically through the vCPU's slice (seed 002).
 pub const PATTERN_SEQUENTIAL: u64 = 0;
 /// Pages are dirtied in a pseudo-random order.
 pub const PATTERN_RANDOM: u64 = 1;
+/// With nothing due, a vCPU halts until its next timer tick.
+pub const IDLE_HALT: u64 = 0;
+/// With nothing due, a vCPU spins on `pause` (a guest that looks busy).
+pub const IDLE_SPIN: u64 = 1;
 
 /// `OUT` dword: low 32 bits of this vCPU's heartbeat count.
 pub const PORT_HEARTBEAT: u16 = 0x780;
 /// `OUT` dword: `(code << 24) | (arg & 0xFF_FFFF)`.
 pub const PORT_EVENT: u16 = 0x784;
+/// `OUT` dword, same value as [`PORT_HEARTBEAT`], sent by a halted vCPU at a
+/// timer tick slower than its heartbeat interval: the next heartbeat may come
+/// a whole tick later, and that is not a stall.
+pub const PORT_HEARTBEAT_IDLE: u16 = 0x788;
 
 /// Event codes sent to [`PORT_EVENT`].
 pub mod event {
@@ -99,6 +108,7 @@ pub mod percpu {
     pub const EXC_RIP: u64 = 96;
     pub const READ_ERRORS: u64 = 104;
     pub const SLICE_PAGES: u64 = 112;
+    pub const HALTS: u64 = 120;
 }
 /// Values of [`percpu::PHASE`].
 pub mod phase {
@@ -278,13 +288,17 @@ mod tests {
             ("PARAM_TIMER_HZ", param::TIMER_HZ),
             ("PARAM_BPC", param::BPC),
             ("PARAM_PERIOD_MS", param::PERIOD_MS),
+            ("PARAM_IDLE", param::IDLE),
             ("PARAM_COUNT", param::COUNT),
             ("PROBE_MAGIC", PROBE_MAGIC),
             ("VERSION", VERSION),
             ("PATTERN_SEQUENTIAL", PATTERN_SEQUENTIAL),
             ("PATTERN_RANDOM", PATTERN_RANDOM),
+            ("IDLE_HALT", IDLE_HALT),
+            ("IDLE_SPIN", IDLE_SPIN),
             ("PORT_HEARTBEAT", PORT_HEARTBEAT.into()),
             ("PORT_EVENT", PORT_EVENT.into()),
+            ("PORT_HEARTBEAT_IDLE", PORT_HEARTBEAT_IDLE.into()),
             ("EVENT_BOOTED", event::BOOTED),
             ("EVENT_FILLED", event::FILLED),
             ("EVENT_VERIFY_OK", event::VERIFY_OK),
@@ -313,6 +327,7 @@ mod tests {
             ("PC_EXC_RIP", percpu::EXC_RIP),
             ("PC_READ_ERRORS", percpu::READ_ERRORS),
             ("PC_SLICE_PAGES", percpu::SLICE_PAGES),
+            ("PC_HALTS", percpu::HALTS),
             ("PHASE_BOOTING", phase::BOOTING),
             ("PHASE_FILLING", phase::FILLING),
             ("PHASE_RUNNING", phase::RUNNING),

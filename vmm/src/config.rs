@@ -11,7 +11,7 @@ pub enum ConfigError {
     Size(String),
     #[error("Bad workload item '{0}': expected key=value")]
     Item(String),
-    #[error("Unknown workload key '{0}' (known: wset, rate, fill, read, readset, cpu, pattern, bpc, period, hb_us, timer_hz)")]
+    #[error("Unknown workload key '{0}' (known: wset, rate, fill, read, readset, cpu, pattern, bpc, period, hb_us, timer_hz, idle)")]
     Key(String),
     #[error("Bad value for workload key '{key}': '{value}'")]
     Value { key: String, value: String },
@@ -72,8 +72,25 @@ pub struct Workload {
     pub period_ms: u64,
     /// Heartbeat interval (µs, at most 1000).
     pub hb_us: u64,
-    /// Guest timer frequency (Hz).
+    /// Timer frequency (Hz) of every vCPU but vCPU 0; vCPU 0, the guest's
+    /// heartbeat clock, ticks at least at the heartbeat rate when halting.
     pub timer_hz: u64,
+    /// What a vCPU does when nothing is due.
+    #[serde(default)]
+    pub idle: Idle,
+}
+
+/// What a guest vCPU does when it has nothing to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Idle {
+    /// Halt until the next timer tick, as a real guest does (`HLT`): the
+    /// host sees an idle vCPU.
+    #[default]
+    Halt,
+    /// Spin on `pause`: the host sees a busy vCPU whatever the workload
+    /// (for experiments that want one).
+    Spin,
 }
 
 impl Default for Workload {
@@ -88,8 +105,9 @@ impl Default for Workload {
             random: false,
             bpc: 0,
             period_ms: 100,
-            hb_us: 500,
+            hb_us: 1000,
             timer_hz: 100,
+            idle: Idle::Halt,
         }
     }
 }
@@ -137,6 +155,13 @@ impl Workload {
                 "timer_hz" => {
                     w.timer_hz =
                         num().and_then(|p| (1..=1000).contains(&p).then_some(p).ok_or_else(bad))?
+                }
+                "idle" => {
+                    w.idle = match v {
+                        "halt" => Idle::Halt,
+                        "spin" => Idle::Spin,
+                        _ => return Err(bad()),
+                    }
                 }
                 _ => return Err(ConfigError::Key(k.into())),
             }
@@ -204,6 +229,13 @@ impl MachineConfig {
         set(param::TIMER_HZ, w.timer_hz);
         set(param::BPC, w.bpc);
         set(param::PERIOD_MS, w.period_ms);
+        set(
+            param::IDLE,
+            match w.idle {
+                Idle::Halt => abi::IDLE_HALT,
+                Idle::Spin => abi::IDLE_SPIN,
+            },
+        );
         p
     }
 }
@@ -239,6 +271,12 @@ mod tests {
             Err(ConfigError::Key(_))
         ));
         assert!(matches!(Workload::parse("rate"), Err(ConfigError::Item(_))));
+        assert_eq!(Workload::parse("").unwrap().idle, Idle::Halt);
+        assert_eq!(Workload::parse("idle=spin").unwrap().idle, Idle::Spin);
+        assert!(matches!(
+            Workload::parse("idle=nap"),
+            Err(ConfigError::Value { .. })
+        ));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::{boot, cpuid};
 use crate::config::{ConfigError, MachineConfig};
 use crate::devices::serial::{self, ConsoleSink};
-use crate::devices::{Devices, DevicesState, EventFdTrigger, Probe};
+use crate::devices::{lock, Devices, DevicesState, EventFdTrigger, Probe};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{msr_save_list, Vcpu, VcpuError, VcpuState};
 use crate::vstate::vcpu_thread::{install_kick_handler, StopReason, VcpuSet};
@@ -82,6 +82,8 @@ pub struct VcpuStatus {
     pub exc_rip: u64,
     pub read_errors: u64,
     pub slice_pages: u64,
+    /// Times the vCPU halted because nothing was due (`idle=halt`).
+    pub halts: u64,
 }
 
 /// The answer of the guest to a verify request.
@@ -174,7 +176,10 @@ impl PreparedMachine {
             .map_err(|e| MachineError::Serial(format!("{e:?}")))?;
         let probe = Probe::from_state(state.devices.probe.clone());
         let devices = Arc::new(Devices::new(serial, wiring.reset, probe));
-        Machine::start(state.config.clone(), p, devices, console, true)
+        let m = Machine::start(state.config.clone(), p, devices, console, true)?;
+        *lock(&m.wakes_after_restore) =
+            Some(state.vcpus.iter().map(|v| v.timer_wake_in_ns()).collect());
+        Ok(m)
     }
 }
 
@@ -190,6 +195,9 @@ pub struct Machine {
     console: ConsoleSink,
     created: Instant,
     stopped: std::sync::Mutex<Option<StopReason>>,
+    /// After a restore, until the first resume: when each halted vCPU's
+    /// timer will wake it (see `VcpuState::timer_wake_in_ns`).
+    wakes_after_restore: std::sync::Mutex<Option<Vec<Option<u64>>>>,
 }
 
 /// The guest ELF for a `--guest` value.
@@ -306,6 +314,7 @@ impl Machine {
             console,
             created: Instant::now(),
             stopped: std::sync::Mutex::new(None),
+            wakes_after_restore: std::sync::Mutex::new(None),
         })
     }
 
@@ -378,8 +387,12 @@ impl Machine {
         self.vcpus.pause_timeout(timeout)
     }
 
-    /// Resumes every vCPU.
+    /// Resumes every vCPU. The first resume after a restore also tells the
+    /// probe when each halted vCPU should wake.
     pub fn resume(&self) {
+        if let Some(wakes) = lock(&self.wakes_after_restore).take() {
+            self.devices.probe.expect_wakes(&wakes);
+        }
         self.vcpus.resume();
     }
 
@@ -446,6 +459,7 @@ impl Machine {
                     exc_rip: f(percpu::EXC_RIP)?,
                     read_errors: f(percpu::READ_ERRORS)?,
                     slice_pages: f(percpu::SLICE_PAGES)?,
+                    halts: f(percpu::HALTS)?,
                 })
             })
             .collect()

@@ -5,6 +5,11 @@
 //!   `guest_images::abi::param`): the workload the guest must run.
 //! - `OUT` dword to `PORT_HEARTBEAT`: one heartbeat; the value is the low 32
 //!   bits of that vCPU's heartbeat count, so a gap or a repeat is visible.
+//! - `OUT` dword to `PORT_HEARTBEAT_IDLE`: the same, from a halted vCPU
+//!   whose timer ticks more slowly than its heartbeat interval. The gap after
+//!   it is expected to last a whole tick: it is kept apart
+//!   (`max_idle_gap_ns`), so that a vCPU with nothing to do is never taken
+//!   for a stalled one.
 //! - `OUT` dword to `PORT_EVENT`: an event (booted, filled, verify result,
 //!   FPU failure, exception), `(code << 24) | arg`.
 //!
@@ -19,7 +24,7 @@
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use guest_images::abi::{self, param, PORT_EVENT, PORT_HEARTBEAT, PROBE_BASE};
+use guest_images::abi::{self, param, PORT_EVENT, PORT_HEARTBEAT, PORT_HEARTBEAT_IDLE, PROBE_BASE};
 use serde::{Deserialize, Serialize};
 
 use super::lock;
@@ -38,16 +43,35 @@ pub struct Heartbeats {
     pub last_value: Option<u32>,
     /// Wall-clock time of the last heartbeat, ns since the epoch.
     pub last_ns: Option<u64>,
-    /// Longest gap between two heartbeats, ns.
+    /// Longest gap between two heartbeats, ns (not counting the gaps after
+    /// an idle heartbeat).
     pub max_gap_ns: u64,
+    /// Whether the last heartbeat came from a halted vCPU on the idle port.
+    #[serde(default)]
+    pub last_idle: bool,
+    /// Longest gap after an idle heartbeat, ns (about one timer tick).
+    #[serde(default)]
+    pub max_idle_gap_ns: u64,
     /// Heartbeats whose value was not the previous one plus one.
     pub discontinuities: u64,
     /// Gap between the last heartbeat before the last restore and the first
     /// one after it, ns (the downtime the guest saw across it).
     pub restore_gap_ns: Option<u64>,
+    /// Whether the heartbeat before the restore was an idle one (then
+    /// `restore_gap_ns` includes up to one of its timer ticks).
+    #[serde(default)]
+    pub restore_after_idle: bool,
     /// Set on restore: the next heartbeat measures `restore_gap_ns`.
     #[serde(default)]
     pub awaiting_first_after_restore: bool,
+    /// When this vCPU, halted at the restore, should have woken: the resume
+    /// time plus what was left of its LAPIC timer (ns since the epoch).
+    #[serde(default)]
+    pub expected_wake_ns: Option<u64>,
+    /// First heartbeat after the restore minus `expected_wake_ns` (ns; < 0:
+    /// early): how well the timer's state travelled.
+    #[serde(default)]
+    pub wake_error_ns: Option<i64>,
 }
 
 /// An event a guest vCPU reported.
@@ -141,13 +165,14 @@ impl Probe {
         b[..n].copy_from_slice(&data[..n]);
         let value = u32::from_le_bytes(b);
         match port {
-            PORT_HEARTBEAT => self.heartbeat(vcpu, value),
+            PORT_HEARTBEAT => self.heartbeat(vcpu, value, false),
+            PORT_HEARTBEAT_IDLE => self.heartbeat(vcpu, value, true),
             PORT_EVENT => self.event(vcpu, value),
             _ => {}
         }
     }
 
-    pub(super) fn heartbeat(&self, vcpu: usize, value: u32) {
+    pub(super) fn heartbeat(&self, vcpu: usize, value: u32, idle: bool) {
         let now = now_ns();
         let mut inner = lock(&self.inner);
         let Some(hb) = inner.heartbeats.get_mut(vcpu) else {
@@ -161,16 +186,44 @@ impl Probe {
         }
         if let Some(last_ns) = hb.last_ns {
             let gap = now.saturating_sub(last_ns);
-            hb.max_gap_ns = hb.max_gap_ns.max(gap);
+            if hb.last_idle {
+                hb.max_idle_gap_ns = hb.max_idle_gap_ns.max(gap);
+            } else {
+                hb.max_gap_ns = hb.max_gap_ns.max(gap);
+            }
             if hb.awaiting_first_after_restore {
                 hb.restore_gap_ns = Some(gap);
+                hb.restore_after_idle = hb.last_idle;
+                hb.wake_error_ns = hb
+                    .expected_wake_ns
+                    .map(|expected| now as i64 - expected as i64);
                 hb.awaiting_first_after_restore = false;
             }
         }
         hb.last_value = Some(value);
         hb.last_ns = Some(now);
+        hb.last_idle = idle;
         if hb.count == 1 {
             self.changed.notify_all();
+        }
+    }
+
+    /// Called as the vCPUs resume after a restore: vCPU `i`, if it was
+    /// halted, should wake `wake_in_ns[i]` from now (what was left of its
+    /// LAPIC timer), and its first heartbeat will say how close it came.
+    pub fn expect_wakes(&self, wake_in_ns: &[Option<u64>]) {
+        let now = now_ns();
+        for (hb, wake) in lock(&self.inner).heartbeats.iter_mut().zip(wake_in_ns) {
+            hb.expected_wake_ns = wake.map(|w| now + w);
+            hb.wake_error_ns = None;
+        }
+    }
+
+    /// Forgets the longest gaps so far (measurement starts anew).
+    pub fn reset_max_gaps(&self) {
+        for hb in &mut lock(&self.inner).heartbeats {
+            hb.max_gap_ns = 0;
+            hb.max_idle_gap_ns = 0;
         }
     }
 
@@ -200,13 +253,6 @@ impl Probe {
     /// Heartbeat bookkeeping of every vCPU.
     pub fn heartbeats(&self) -> Vec<Heartbeats> {
         lock(&self.inner).heartbeats.clone()
-    }
-
-    /// Forgets the longest gaps so far (measurement starts anew).
-    pub fn reset_max_gaps(&self) {
-        for hb in &mut lock(&self.inner).heartbeats {
-            hb.max_gap_ns = 0;
-        }
     }
 
     /// Events received so far (the last `KEPT_EVENTS`).
@@ -283,18 +329,49 @@ mod tests {
             (hb.count, hb.discontinuities, hb.last_value),
             (3, 1, Some(9))
         );
+        assert_eq!(hb.max_idle_gap_ns, 0);
         assert_eq!(probe.heartbeats()[0].count, 0);
     }
 
     #[test]
     fn restored_probe_measures_the_gap_across_restore() {
         let probe = Probe::new(vec![], 1);
-        probe.heartbeat(0, 1);
+        probe.heartbeat(0, 1, false);
         let restored = Probe::from_state(probe.save_state());
         std::thread::sleep(Duration::from_millis(5));
-        restored.heartbeat(0, 2);
+        restored.heartbeat(0, 2, false);
         let hb = &restored.heartbeats()[0];
         assert!(hb.restore_gap_ns.unwrap() >= 5_000_000);
         assert_eq!(hb.discontinuities, 0);
+    }
+
+    #[test]
+    fn a_gap_after_an_idle_heartbeat_is_no_stall() {
+        let probe = Probe::new(vec![], 1);
+        probe.write(0, PORT_HEARTBEAT, &1u32.to_le_bytes());
+        probe.write(0, PORT_HEARTBEAT_IDLE, &2u32.to_le_bytes());
+        std::thread::sleep(Duration::from_millis(5));
+        probe.write(0, PORT_HEARTBEAT, &3u32.to_le_bytes());
+        let hb = &probe.heartbeats()[0];
+        assert!(hb.max_idle_gap_ns >= 5_000_000, "{hb:?}");
+        assert!(hb.max_gap_ns < 5_000_000, "{hb:?}");
+        assert_eq!(hb.discontinuities, 0);
+    }
+
+    #[test]
+    fn the_first_heartbeat_after_a_restore_is_held_against_the_expected_wake() {
+        let probe = Probe::new(vec![], 2);
+        probe.heartbeat(0, 1, true);
+        probe.heartbeat(1, 1, false);
+        let restored = Probe::from_state(probe.save_state());
+        restored.expect_wakes(&[Some(3_000_000), None]);
+        std::thread::sleep(Duration::from_millis(3));
+        restored.heartbeat(0, 2, false);
+        restored.heartbeat(1, 2, false);
+        let hb = restored.heartbeats();
+        let err = hb[0].wake_error_ns.expect("predicted");
+        assert!((0..50_000_000).contains(&err), "{err}");
+        assert!(hb[0].restore_after_idle);
+        assert_eq!(hb[1].wake_error_ns, None);
     }
 }

@@ -32,7 +32,8 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, KVM_MP_STATE_RUNNABLE,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -81,6 +82,48 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     pub vcpu_events: kvm_vcpu_events,
     pub tsc_khz: u32,
+}
+
+impl VcpuState {
+    /// For a vCPU saved while halted: how long after it resumes its LAPIC
+    /// timer will wake it, in ns; `None` if it was running, or no timer
+    /// interrupt is due (timer masked, or in TSC-deadline mode).
+    ///
+    /// This is the halted-vCPU rule of a migration: KVM_GET_LAPIC stores the
+    /// timer's *current count* (TMCCT, computed by KVM from its hrtimer at
+    /// the time of the save) in the register page, and KVM_SET_LAPIC
+    /// restarts the timer from that count, not from the initial one; a tick
+    /// that fired while the vCPU was paused waits in the IRR and is
+    /// delivered at once. So a halted vCPU wakes as late on the destination
+    /// as it had left to sleep at the save.
+    pub fn timer_wake_in_ns(&self) -> Option<u64> {
+        const IRR: usize = 0x200;
+        const LVTT: usize = 0x320;
+        const TMCCT: usize = 0x390;
+        const TDCR: usize = 0x3E0;
+        const LVT_MASKED: u32 = 1 << 16;
+        const LVT_TSC_DEADLINE: u32 = 2 << 17;
+        if self.mp_state.mp_state != KVM_MP_STATE_HALTED {
+            return None;
+        }
+        let reg = |off: usize| {
+            let b = &self.lapic.regs[off..off + 4];
+            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+        };
+        let lvtt = reg(LVTT);
+        let vector = (lvtt & 0xFF) as usize;
+        if lvtt & LVT_MASKED != 0 || lvtt & (3 << 17) == LVT_TSC_DEADLINE {
+            return None;
+        }
+        if reg(IRR + 0x10 * (vector / 32)) & (1 << (vector % 32)) != 0 {
+            return Some(0); // fired during the pause: delivered at resume
+        }
+        // Divide configuration (Intel SDM 11.5.4): bits 0, 1 and 3 encode
+        // 2^((value + 1) mod 8); KVM's APIC bus runs at 1 GHz.
+        let tdcr = reg(TDCR);
+        let shift = (((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7;
+        Some(u64::from(reg(TMCCT)) << shift)
+    }
 }
 
 /// A KVM vCPU.

@@ -176,12 +176,21 @@ impl ProgressView {
             };
         }
         let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>28} [{bar:40}] {pos}/{len} pages")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
+        b.set_style(Self::style(false));
         Self::Bar(b)
+    }
+
+    /// The bar's look: with pages to count, a bar; before (no page count
+    /// yet), the phase alone, since an empty bar is drawn full as 0/0.
+    fn style(counting: bool) -> indicatif::ProgressStyle {
+        let template = if counting {
+            "{msg:>28} [{bar:40}] {pos}/{len} pages"
+        } else {
+            "{msg:>28}"
+        };
+        indicatif::ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> ")
     }
 
     /// Shows one `progress` snapshot of `migration_status`.
@@ -191,8 +200,6 @@ impl ProgressView {
             p["round_pages_total"].as_u64().unwrap_or(0),
         );
         let phase = p["phase"].as_str().unwrap_or("starting");
-        // Before the first round (connecting, measuring) there is no page
-        // count: the phase alone, not an empty bar drawn full as 0/0.
         let what = if total == 0 {
             phase.to_string()
         } else {
@@ -200,12 +207,15 @@ impl ProgressView {
         };
         match self {
             Self::Bar(b) => {
+                if (total > 0) != (b.length() > Some(0)) {
+                    b.set_style(Self::style(total > 0));
+                }
                 // Length and position of the same snapshot, set in one
                 // update: set one by one, a redraw between them showed the
                 // new round's position against the old round's length.
                 b.update(|s| {
                     s.set_len(total);
-                    s.set_pos(sent.min(total));
+                    s.set_pos(sent);
                 });
                 b.set_message(what);
             }

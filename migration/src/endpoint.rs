@@ -42,6 +42,11 @@ pub trait SourceVm: Sync {
 pub trait DestinationVm {
     /// What the destination ends up with: a running machine.
     type Running;
+    /// A source connected from `peer` and proved that it knows the secret:
+    /// a migration begins. By default nothing happens.
+    fn peer_authenticated(&mut self, peer: std::net::SocketAddr) {
+        let _ = peer;
+    }
     /// Creates empty RAM for a machine described by `config`.
     fn prepare(&mut self, config: &[u8], ram_size: u64) -> Result<(), BoxError>;
     /// Pre-copy, before `Ready`: RAM `[offset, offset + len)` is populated on

@@ -42,7 +42,6 @@ pub fn receive<D: DestinationVm>(
     dst: &mut D,
 ) -> Result<Received, MigrationError> {
     let (stream, peer) = transport::accept(listener)?;
-    tracing::info!("incoming migration from {peer}");
     // A small buffer: it saves syscalls on small frames, while most of a
     // page batch (larger than the buffer) is read straight into the frame
     // buffer instead of being copied through this one.
@@ -50,6 +49,8 @@ pub fn receive<D: DestinationVm>(
         BufReader::with_capacity(64 << 10, stream.try_clone().map_err(ProtocolError::Io)?);
     let mut writer = BufWriter::new(stream);
     auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut writer), secret)?;
+    tracing::info!("incoming migration from {peer}");
+    dst.peer_authenticated(peer);
     let mut session = Session {
         listener,
         secret,

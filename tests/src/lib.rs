@@ -257,8 +257,18 @@ impl VmmProcess {
     }
 
     /// Asks the process to quit and waits for it; returns its output.
-    pub fn quit(mut self) -> (i32, String, String) {
+    pub fn quit(self) -> (i32, String, String) {
         let _ = vmm::api::call(&self.socket, &json!({"cmd": "quit"}));
+        self.wait_output()
+    }
+
+    /// Sends it SIGTERM and waits for it; returns its output.
+    pub fn terminate(self) -> (i32, String, String) {
+        send_sigterm(&self.child);
+        self.wait_output()
+    }
+
+    fn wait_output(mut self) -> (i32, String, String) {
         let status = self.child.wait().expect("waiting for vmm");
         let mut out = String::new();
         let mut err = String::new();
@@ -277,6 +287,15 @@ impl Drop for VmmProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to `child` (with kill(1): no unsafe `libc::kill` needed).
+fn send_sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -TERM failed");
 }
 
 /// Sum over vCPUs of a numeric field of the `state` answer's `vcpus`.
@@ -334,7 +353,7 @@ pub struct Receiver {
     stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// `tcp:HOST:PORT` it listens on.
     pub addr: String,
-    /// Its control socket once the guest runs there.
+    /// Its control socket (a stand-in answers until the guest runs there).
     pub socket: PathBuf,
 }
 
@@ -382,7 +401,7 @@ impl Receiver {
             socket,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !r.stderr_text().contains("waiting for a migration") {
+        while !r.stderr_text().contains("listening on") {
             assert!(
                 Instant::now() < deadline,
                 "receiver never listened: {}",
@@ -396,6 +415,11 @@ impl Receiver {
     /// Everything it printed on stderr so far.
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Sends it SIGTERM.
+    pub fn terminate(&self) {
+        send_sigterm(&self.child);
     }
 
     /// Kills it (SIGKILL).
@@ -426,10 +450,12 @@ impl Receiver {
         resp
     }
 
-    /// Waits until its control socket answers.
+    /// Waits until its control socket answers for a running guest (until
+    /// then it only tells how the migration goes).
     pub fn wait_socket(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while vmm::api::call(&self.socket, &json!({"cmd": "state"})).is_err() {
+        let has_guest = |r: std::io::Result<Value>| r.is_ok_and(|v| v["ok"] == json!(true));
+        while !has_guest(vmm::api::call(&self.socket, &json!({"cmd": "state"}))) {
             assert!(
                 Instant::now() < deadline,
                 "destination never came up: {}",

@@ -13,7 +13,9 @@
 
 mod migrate;
 mod model;
+mod receive;
 mod run;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,7 +46,7 @@ enum Command {
         action: CtlAction,
     },
     /// Wait for an incoming live migration, then run the guest.
-    Receive(migrate::ReceiveArgs),
+    Receive(receive::ReceiveArgs),
     /// Tell a running vmm to migrate its guest live to a receiving vmm.
     Migrate(migrate::MigrateArgs),
     /// Boot a guest and migrate it live to a second process on loopback.
@@ -119,7 +121,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Receive(args) => migrate::receive(args),
+        Command::Receive(args) => receive::receive(args),
         Command::Migrate(args) => migrate::migrate(args),
         Command::Demo(args) => migrate::demo(args),
         Command::Model(args) => model::model(args),

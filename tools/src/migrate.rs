@@ -1,33 +1,13 @@
-//! `vmm receive`, `vmm migrate` and `vmm demo`.
+//! `vmm migrate` and `vmm demo`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migration::DestinationVm;
 use serde_json::{json, Value};
-use vmm::api::{call, error_chain, Controller};
+use vmm::api::call;
 use vmm::config::parse_size;
-use vmm::migrate::Incoming;
-use vmm::RunOptions;
-
-/// Arguments of `vmm receive`.
-#[derive(clap::Args, Debug)]
-pub struct ReceiveArgs {
-    /// Where to wait for the source: tcp:HOST:PORT.
-    #[arg(long)]
-    listen: String,
-    /// File with the shared secret (at least 16 bytes).
-    #[arg(long)]
-    secret: PathBuf,
-    /// Pre-copy: allocate and touch the RAM the source announces before the
-    /// first round, so that first-touch costs stay out of the page stream.
-    #[arg(long)]
-    prefault: bool,
-    #[command(flatten)]
-    after: crate::run::AfterStart,
-}
 
 /// Arguments of `vmm migrate`.
 #[derive(clap::Args, Debug)]
@@ -112,41 +92,6 @@ pub fn parse_duration_ms(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Waits for one incoming migration, then runs the guest.
-pub fn receive(args: ReceiveArgs) -> Result<(), String> {
-    let secret = migration::auth::Secret::from_file(&args.secret).map_err(|e| error_chain(&e))?;
-    let listener = migration::transport::listen(&args.listen).map_err(|e| error_chain(&e))?;
-    eprintln!("waiting for a migration on {}", args.listen);
-    let opts = RunOptions {
-        echo_console: args.after.console,
-    };
-    let mut incoming = Incoming::new(opts.clone()).with_prefault(args.prefault);
-    eprintln!("incoming migration");
-    let received = match migration::receive::receive(&listener, &secret, &mut incoming) {
-        Ok(r) => r,
-        Err(e @ migration::MigrationError::MissingPages { .. }) => {
-            // The guest is paused with pages that will never come; its vCPU
-            // threads may be asleep in userfaultfd waits: exit without
-            // trying to join them.
-            eprintln!("error: incoming migration failed: {}", error_chain(&e));
-            std::process::exit(3);
-        }
-        Err(e) => return Err(format!("incoming migration failed: {}", error_chain(&e))),
-    };
-    let machine = incoming
-        .into_running()
-        .ok_or("migration finished without a machine")?;
-    eprintln!(
-        "guest resumed here after {} rounds, {} pages; guest-seen downtime {:.2} ms",
-        received.rounds, received.pages, received.resumed.guest.guest_downtime_ms
-    );
-    if args.after.json {
-        println!("{}", json!({"received": received}));
-    }
-    let ctl = Controller::new(machine, opts);
-    crate::run::serve_and_loop(&ctl, &args.after)
-}
-
 /// What a round did besides sending pages: throttling, skipped pages.
 fn round_extras(round: &Value) -> String {
     let mut out = String::new();
@@ -187,36 +132,17 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
             .unwrap_or("migrate refused")
             .to_string());
     }
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>28} [{bar:40}] {pos}/{len} pages")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        b
-    });
+    let mut shown = ProgressView::new(std::io::stderr().is_terminal());
     let status = loop {
         let st = call(sock, &json!({"cmd": "migration_status"}))
             .map_err(|e| format!("control socket {}: {e}", sock.display()))?;
-        if let Some(b) = &bar {
-            let p = &st["progress"];
-            b.set_length(p["round_pages_total"].as_u64().unwrap_or(0));
-            b.set_position(p["round_pages_sent"].as_u64().unwrap_or(0));
-            b.set_message(format!(
-                "{} round {}",
-                p["phase"].as_str().unwrap_or(""),
-                p["round"]
-            ));
-        }
+        shown.show(&st["progress"]);
         if st["running"] == json!(false) {
             break st;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    shown.finish();
     if let Some(err) = status["failure"].as_str() {
         return Err(format!(
             "migration failed, the guest keeps running on the source: {err}"
@@ -228,6 +154,95 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// How `vmm migrate` shows progress: a bar on a terminal; elsewhere (a log,
+/// a pipe) a line every [`ProgressView::LINE_EVERY`], so that a long
+/// migration never looks hung.
+enum ProgressView {
+    Bar(indicatif::ProgressBar),
+    Lines { started: Instant, next: Instant },
+}
+
+impl ProgressView {
+    const LINE_EVERY: Duration = Duration::from_secs(2);
+
+    fn new(terminal: bool) -> Self {
+        if !terminal {
+            let now = Instant::now();
+            return Self::Lines {
+                started: now,
+                next: now + Self::LINE_EVERY,
+            };
+        }
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(Self::style(false));
+        Self::Bar(b)
+    }
+
+    /// The bar's look: with pages to count, a bar; before (no page count
+    /// yet), the phase alone, since an empty bar is drawn full as 0/0.
+    fn style(counting: bool) -> indicatif::ProgressStyle {
+        let template = if counting {
+            "{msg:>28} [{bar:40}] {pos}/{len} pages"
+        } else {
+            "{msg:>28}"
+        };
+        indicatif::ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> ")
+    }
+
+    /// Shows one `progress` snapshot of `migration_status`.
+    fn show(&mut self, p: &Value) {
+        let (sent, total) = (
+            p["round_pages_sent"].as_u64().unwrap_or(0),
+            p["round_pages_total"].as_u64().unwrap_or(0),
+        );
+        let phase = p["phase"].as_str().unwrap_or("starting");
+        let what = if total == 0 {
+            phase.to_string()
+        } else {
+            format!("{phase} round {}", p["round"])
+        };
+        match self {
+            Self::Bar(b) => {
+                if (total > 0) != (b.length() > Some(0)) {
+                    b.set_style(Self::style(total > 0));
+                }
+                // Length and position of the same snapshot, set in one
+                // update: set one by one, a redraw between them showed the
+                // new round's position against the old round's length.
+                b.update(|s| {
+                    s.set_len(total);
+                    s.set_pos(sent);
+                });
+                b.set_message(what);
+            }
+            Self::Lines { started, next } => {
+                if Instant::now() < *next {
+                    return;
+                }
+                *next += Self::LINE_EVERY;
+                let pages = if total == 0 {
+                    String::new()
+                } else {
+                    format!(": {sent}/{total} pages")
+                };
+                eprintln!(
+                    "{:>6.1} s  {what}{pages}, {:.1} MB sent",
+                    started.elapsed().as_secs_f64(),
+                    p["bytes_wire"].as_f64().unwrap_or(0.0) / 1e6
+                );
+            }
+        }
+    }
+
+    fn finish(self) {
+        if let Self::Bar(b) = self {
+            b.finish_and_clear();
+        }
+    }
 }
 
 /// A human summary of a report.
@@ -295,17 +310,11 @@ pub fn print_report(r: &Value) {
         }
     }
     println!(
-        "  stop rule: {}; bytes raw {} wire {}; pages verified {} mismatched {}; guest self-check {}",
+        "  stop rule: {}; bytes raw {} wire {}; {}",
         r["stop_rule"].as_str().unwrap_or("?"),
         r["bytes_raw"],
         r["bytes_wire"],
-        r["pages_verified"],
-        r["mismatched_pages"],
-        match r["guest_verified"].as_bool() {
-            Some(true) => "passed",
-            Some(false) => "FAILED",
-            None => "not requested",
-        }
+        verification(r)
     );
 }
 
@@ -424,5 +433,32 @@ pub fn wait_running(sock: &std::path::Path) -> Result<(), String> {
             return Err("the source guest did not start its workload".into());
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What `--verify` found, or that it was not asked for (the guest's own
+/// check runs exactly when it was).
+fn verification(r: &Value) -> String {
+    let guest = match r["guest_verified"].as_bool() {
+        Some(true) => "passed",
+        Some(false) => "FAILED",
+        None => return "verification not asked (--verify)".into(),
+    };
+    format!(
+        "pages verified {} mismatched {}; guest self-check {guest}",
+        r["pages_verified"], r["mismatched_pages"]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_says_verification_was_not_asked() {
+        let r = json!({"pages_verified": 0, "mismatched_pages": 0, "guest_verified": null});
+        assert_eq!(verification(&r), "verification not asked (--verify)");
+        let r = json!({"pages_verified": 5, "mismatched_pages": 0, "guest_verified": true});
+        assert!(verification(&r).starts_with("pages verified 5 mismatched 0"));
     }
 }

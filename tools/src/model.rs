@@ -1,37 +1,65 @@
 //! `vmm model`: seed 001's analytical prediction of Tm and Td.
 
 use migration::model::{predict, Mode, Params};
+use migration::rate_limit::parse_bandwidth;
+use vmm::config::parse_size;
 
-/// Arguments of `vmm model` (sizes in MB, rates in MB/s).
+/// Arguments of `vmm model`. Sizes and rates take the units of every other
+/// command (`1G`, `256M`; `1Gbit`, `50M` per second); a plain number is
+/// MB or MB/s (10^6 bytes), the model's own units.
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
     /// pre, post or hybrid.
     #[arg(long)]
     mode: Mode,
-    /// V: MB to move.
-    #[arg(long)]
+    /// V: memory to move (MB, or e.g. 11G).
+    #[arg(long, value_parser = mb)]
     size_mb: f64,
-    /// r: MB/s the guest reads.
-    #[arg(long)]
+    /// r: what the guest reads per second (MB/s, or e.g. 3M).
+    #[arg(long, value_parser = mb_s)]
     read_rate: f64,
-    /// w: MB/s the guest writes.
-    #[arg(long)]
+    /// w: what the guest writes per second (MB/s, or e.g. 3M).
+    #[arg(long, value_parser = mb_s)]
     write_rate: f64,
-    /// μ: MB/s of the link.
-    #[arg(long)]
+    /// μ: the link (MB/s, or e.g. 100Mbit).
+    #[arg(long, value_parser = mb_s)]
     bandwidth: f64,
-    /// l: MB; pre-copy stops once a round dirtied at most this.
-    #[arg(long)]
+    /// l: pre-copy stops once a round dirtied at most this (MB, or e.g. 1G).
+    #[arg(long, value_parser = mb)]
     threshold: f64,
     /// φ: share of the link for the background push after the switch.
     #[arg(long, default_value_t = 0.3)]
     phi: f64,
-    /// ws: MB of vCPU and device state (post-copy's stop-and-copy).
-    #[arg(long, default_value_t = 0.0)]
+    /// ws: vCPU and device state, post-copy's stop-and-copy (MB, or e.g. 100K).
+    #[arg(long, default_value = "0", value_parser = mb)]
     ws_mb: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A plain number, as is; `None` if it carries a unit.
+fn plain(s: &str) -> Option<f64> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+}
+
+/// MB (10^6 bytes): a plain number, or a size as `vmm run --memory` takes it.
+fn mb(s: &str) -> Result<f64, String> {
+    match plain(s) {
+        Some(v) => Ok(v),
+        None => Ok(parse_size(s).map_err(|e| e.to_string())? as f64 / 1e6),
+    }
+}
+
+/// MB/s: a plain number, or a rate as `vmm migrate --bandwidth` takes it.
+fn mb_s(s: &str) -> Result<f64, String> {
+    match plain(s) {
+        Some(v) => Ok(v),
+        None => Ok(parse_bandwidth(s)? as f64 / 1e6),
+    }
 }
 
 /// Prints the prediction.
@@ -61,4 +89,22 @@ pub fn model(a: ModelArgs) -> Result<(), String> {
         _ => println!("{:?}: pre-copy does not converge (w ≥ μ); V1 = {:.1} MB", pred.mode, pred.v1_mb),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rates_take_the_shared_units() {
+        assert_eq!(mb("11264"), Ok(11264.0));
+        assert_eq!(mb("1G"), Ok(1073.741824));
+        assert_eq!(mb("256M"), Ok(268.435456));
+        assert_eq!(mb_s("12.5"), Ok(12.5));
+        assert_eq!(mb_s("1Gbit"), Ok(125.0));
+        assert_eq!(mb_s("50M"), Ok(50.0));
+        assert!(mb("1Q").is_err());
+        assert!(mb_s("fast").is_err());
+        assert!(mb("-3").is_err());
+    }
 }

@@ -1,14 +1,19 @@
 //! `vmm run`: boot or restore a machine, print what the guest does, serve
-//! the control socket, and stop on request, on a guest stop or after
-//! `--duration`.
+//! the control socket, and stop on request, on SIGTERM or SIGINT, on a
+//! guest stop or after `--duration`.
 
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_images::abi;
 use vmm::api::{error_chain, Controller};
 use vmm::config::{parse_size, MachineConfig, Workload};
+use vmm::control_socket::SocketFile;
 use vmm::{Machine, RunOptions};
+
+use crate::signals::Termination;
 
 /// Arguments of `vmm run`.
 #[derive(clap::Args, Debug)]
@@ -20,14 +25,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "256M", value_parser = parse_size_arg)]
     memory: u64,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=abi::MAX_VCPUS as i64))]
     vcpus: u8,
     /// Workload: wset=SIZE,rate=PAGES/S,fill=PCT,read=PAGES/S,readset=SIZE,
     /// cpu=PCT,pattern=seq|random,bpc=N,period=MS,hb_us=US,timer_hz=HZ.
     #[arg(long, default_value = "", value_parser = parse_workload_arg)]
     workload: Workload,
-    /// Restore this snapshot file instead of booting.
-    #[arg(long)]
+    /// Restore this snapshot file instead of booting. The snapshot holds
+    /// the machine's guest, RAM, vCPUs and workload, so none may be given.
+    #[arg(long, conflicts_with_all = ["guest", "memory", "vcpus", "workload"])]
     restore: Option<PathBuf>,
     #[command(flatten)]
     after: AfterStart,
@@ -36,9 +42,14 @@ pub struct RunArgs {
 /// What to do once a machine runs (shared by `run` and `receive`).
 #[derive(clap::Args, Debug)]
 pub struct AfterStart {
-    /// Serve the JSON control socket here.
+    /// Serve the JSON control socket here (mode 0600; refused if a file or
+    /// a live socket is there already).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Remove a stale control socket left at --api-socket by a vmm that is
+    /// gone (a live one is never removed).
+    #[arg(long, requires = "api_socket")]
+    pub force: bool,
     /// Stop after this many seconds (default: run until `quit`).
     #[arg(long)]
     pub duration: Option<f64>,
@@ -64,6 +75,10 @@ fn parse_workload_arg(s: &str) -> Result<Workload, String> {
 /// Boots or restores, then runs the main loop.
 pub fn run(args: RunArgs) -> Result<(), String> {
     let started = Instant::now();
+    // The main loop notices the signal within one of its 20 ms turns.
+    let termination = Termination::install(|_| {}).map_err(|e| error_chain(&e))?;
+    // Before booting: a socket in the way should not cost a boot.
+    let socket = bind_api_socket(&args.after)?;
     let opts = RunOptions {
         echo_console: args.after.console,
     };
@@ -86,16 +101,25 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     };
     let ctl = Controller::new(machine, opts);
     report_first_heartbeat(&ctl, started);
-    serve_and_loop(&ctl, &args.after)
+    // Dropped when this returns: the socket file goes with the process.
+    let _file = match socket {
+        Some((listener, file)) => {
+            vmm::api::serve(listener, ctl.clone())
+                .map_err(|e| format!("control socket {}: {e}", file.path().display()))?;
+            Some(file)
+        }
+        None => None,
+    };
+    main_loop(&ctl, &args.after, &termination)
 }
 
-/// Serves the control socket (if asked) and runs the main loop.
-pub fn serve_and_loop(ctl: &Arc<Controller>, after: &AfterStart) -> Result<(), String> {
-    if let Some(path) = &after.api_socket {
-        ctl.serve(path)
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
-    }
-    main_loop(ctl, after)
+/// Creates the control socket `--api-socket` asks for, if any.
+pub fn bind_api_socket(after: &AfterStart) -> Result<Option<(UnixListener, SocketFile)>, String> {
+    after
+        .api_socket
+        .as_deref()
+        .map(|path| vmm::control_socket::bind(path, after.force).map_err(|e| error_chain(&e)))
+        .transpose()
 }
 
 /// Prints how long it took from process start to the first heartbeat.
@@ -117,10 +141,19 @@ fn report_first_heartbeat(ctl: &Arc<Controller>, started: Instant) {
     }
 }
 
-fn main_loop(ctl: &Arc<Controller>, args: &AfterStart) -> Result<(), String> {
+/// Runs until `quit`, a signal, a migration away, a guest stop or
+/// `--duration`, printing status lines.
+pub fn main_loop(
+    ctl: &Arc<Controller>,
+    args: &AfterStart,
+    termination: &Termination,
+) -> Result<(), String> {
     let started = Instant::now();
     let mut next_status = Instant::now();
     loop {
+        if termination.received().is_some() {
+            return Ok(());
+        }
         if ctl.quit_requested() || ctl.migrated_away() {
             if let Some(Ok(_)) = ctl.migration_result() {
                 eprintln!("migrated away: the guest runs on the destination now");
@@ -154,7 +187,8 @@ fn print_status(ctl: &Arc<Controller>, json: bool) {
         let mut s = format!("t={:>7.1}s", m.uptime().as_secs_f64());
         for (i, (st, h)) in status.iter().zip(&hb).enumerate() {
             s.push_str(&format!(
-                " | cpu{i} hb={} ticks={} wr={} rd={} fpu={}/{} gap={:.1}ms",
+                " | cpu{i} {} hb={} ticks={} wr={} rd={} fpu={}/{} gap={:.1}ms",
+                phase_name(st.phase),
                 h.count,
                 st.ticks,
                 st.pages_written,
@@ -172,5 +206,58 @@ fn print_status(ctl: &Arc<Controller>, json: bool) {
     match line {
         Ok(l) => println!("{l}"),
         Err(e) => eprintln!("status: {e}"),
+    }
+}
+
+/// The name of a guest vCPU phase (`abi::phase`), for people.
+pub fn phase_name(phase: u64) -> &'static str {
+    match phase {
+        abi::phase::BOOTING => "booting",
+        abi::phase::FILLING => "filling",
+        abi::phase::RUNNING => "running",
+        abi::phase::HALTED => "halted",
+        _ => "unknown-phase",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        run: super::RunArgs,
+    }
+
+    fn parse_error(args: &[&str]) -> String {
+        let argv = std::iter::once("vmm-run").chain(args.iter().copied());
+        Cli::try_parse_from(argv).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn vcpus_range_is_the_guest_s() {
+        let e = parse_error(&["--vcpus", "1000"]);
+        assert!(e.contains("1..=16"), "{e}");
+        assert!(parse_error(&["--vcpus", "0"]).contains("1..=16"));
+        assert!(Cli::try_parse_from(["vmm-run", "--vcpus", "16"]).is_ok());
+    }
+
+    #[test]
+    fn restore_refuses_machine_options() {
+        for opt in [
+            ["--memory", "1G"],
+            ["--vcpus", "2"],
+            ["--workload", "rate=1"],
+        ] {
+            let e = parse_error(&["--restore", "/tmp/x.snap", opt[0], opt[1]]);
+            assert!(e.contains("cannot be used with"), "{opt:?}: {e}");
+        }
+        assert!(Cli::try_parse_from(["vmm-run", "--restore", "/tmp/x.snap"]).is_ok());
+    }
+
+    #[test]
+    fn force_needs_a_socket() {
+        assert!(parse_error(&["--force"]).contains("--api-socket"));
     }
 }

@@ -12,6 +12,13 @@
 //! ```
 //! `save` pauses the machine if it runs and leaves it paused (a saved
 //! machine must not go on diverging from its file); `resume` continues it.
+//! A `save` that fails resumes a machine that ran: there is no file for it
+//! to diverge from.
+//!
+//! A request line longer than [`crate::control_socket::MAX_REQUEST_BYTES`] gets
+//! `{"ok":false,"error":"request longer than ..."}` and the connection is
+//! closed (the rest of the line is never read). The socket file itself is
+//! made by [`crate::control_socket::bind`].
 //! `restore` replaces this process's machine with the one in the file and
 //! runs it. Errors come back as `{"ok":false,"error":"..."}`.
 
@@ -25,6 +32,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::control_socket::{read_request_line, RequestLineError};
 use crate::machine::{Machine, RunOptions};
 use crate::snapshot;
 
@@ -195,9 +203,15 @@ impl Controller {
             Request::State => return self.with(state_json),
             Request::Save { path } => {
                 return self.with(|m| {
+                    let was_running = !m.is_paused();
                     m.pause();
                     let t = Instant::now();
-                    let s = snapshot::save(m, &path).map_err(|e| chain(&e))?;
+                    let s = snapshot::save(m, &path).map_err(|e| {
+                        if was_running {
+                            m.resume();
+                        }
+                        chain(&e)
+                    })?;
                     Ok(json!({
                         "state_bytes": s.state_bytes,
                         "memory_bytes": s.memory_bytes,
@@ -323,41 +337,60 @@ impl Controller {
         *self.machine.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(json!({"restore_ms": t.elapsed().as_secs_f64() * 1e3}))
     }
+}
 
-    /// Serves the socket at `path` on a background thread.
-    pub fn serve(self: &Arc<Self>, path: &Path) -> std::io::Result<()> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                for conn in listener.incoming().flatten() {
-                    let me = me.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("api-conn".into())
-                        .spawn(move || me.serve_connection(conn));
-                }
-            })?;
-        Ok(())
+/// What answers a control socket's request lines: a [`Controller`], or a
+/// stand-in while there is no machine yet (a migration being received).
+pub trait Responder: Send + Sync + 'static {
+    /// The response to one request line.
+    fn respond(&self, line: &str) -> Value;
+}
+
+impl Responder for Controller {
+    fn respond(&self, line: &str) -> Value {
+        match serde_json::from_str::<Request>(line) {
+            Ok(req) => self.handle(req),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        }
     }
+}
 
-    fn serve_connection(&self, conn: UnixStream) {
-        let Ok(mut out) = conn.try_clone() else {
-            return;
-        };
-        for line in BufReader::new(conn).lines() {
-            let Ok(line) = line else { return };
-            if line.trim().is_empty() {
-                continue;
+/// Serves `listener` (see [`crate::control_socket::bind`]) on a background
+/// thread, one thread per connection.
+pub fn serve(listener: UnixListener, responder: Arc<dyn Responder>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let responder = responder.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_connection(&*responder, conn));
             }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => self.handle(req),
-                Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-            };
-            if writeln!(out, "{resp}").is_err() {
+        })?;
+    Ok(())
+}
+
+fn serve_connection(responder: &dyn Responder, conn: UnixStream) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        let resp = match read_request_line(&mut reader, &mut line) {
+            Ok(false) | Err(RequestLineError::Io(_)) => return,
+            Err(e @ RequestLineError::TooLong) => {
+                // The rest of the line stays unread: the connection ends.
+                let _ = writeln!(out, "{}", json!({"ok": false, "error": e.to_string()}));
                 return;
             }
+            Err(e @ RequestLineError::NotUtf8) => json!({"ok": false, "error": e.to_string()}),
+            Ok(true) if line.trim().is_empty() => continue,
+            Ok(true) => responder.respond(&line),
+        };
+        if writeln!(out, "{resp}").is_err() {
+            return;
         }
     }
 }

@@ -9,12 +9,14 @@
 //! - [`devices`]: serial console, i8042, the probe device;
 //! - [`machine`]: the whole machine and its operations;
 //! - [`snapshot`]: the save/restore file;
-//! - [`api`]: the JSON control socket;
+//! - [`api`]: the JSON control socket, and [`control_socket`] its file and
+//!   request lines;
 //! - [`config`]: machine and workload descriptions.
 
 pub mod api;
 pub mod arch;
 pub mod config;
+pub mod control_socket;
 pub mod devices;
 pub mod machine;
 pub mod migrate;

@@ -2,6 +2,7 @@
 //! [`Machine`], and [`migration::DestinationVm`] that builds one from the
 //! stream.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
@@ -66,10 +67,20 @@ impl SourceVm for Machine {
     }
 }
 
+/// Told the source's address once it authenticated.
+pub struct OnPeer(Box<dyn FnMut(SocketAddr) + Send>);
+
+impl std::fmt::Debug for OnPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnPeer")
+    }
+}
+
 /// Builds the destination machine from the migration stream.
 #[derive(Debug)]
 pub struct Incoming {
     opts: RunOptions,
+    on_peer: Option<OnPeer>,
     prefault: bool,
     /// RAM was prefaulted (pre-copy only): every page is mapped, and no
     /// userfaultfd watches the mapping.
@@ -83,6 +94,7 @@ impl Incoming {
     pub fn new(opts: RunOptions) -> Self {
         Self {
             opts,
+            on_peer: None,
             prefault: false,
             prefaulted: false,
             prepared: None,
@@ -98,6 +110,12 @@ impl Incoming {
         self
     }
 
+    /// Calls `f` with the source's address once it authenticated.
+    pub fn on_peer(mut self, f: impl FnMut(SocketAddr) + Send + 'static) -> Self {
+        self.on_peer = Some(OnPeer(Box::new(f)));
+        self
+    }
+
     fn ram(&self) -> Result<&GuestRam, BoxError> {
         self.prepared
             .as_ref()
@@ -109,6 +127,12 @@ impl Incoming {
 
 impl DestinationVm for Incoming {
     type Running = Machine;
+
+    fn peer_authenticated(&mut self, peer: SocketAddr) {
+        if let Some(OnPeer(f)) = &mut self.on_peer {
+            f(peer);
+        }
+    }
 
     fn prepare(&mut self, config: &[u8], ram_size: u64) -> Result<(), BoxError> {
         let config: MachineConfig = serde_json::from_slice(config)?;

@@ -32,17 +32,43 @@
 //! while on the fault connection the destination sends `PageRequest {page}`
 //! and the source answers each with a one-page `Pages`. When every needed
 //! page is present the destination sends `PostcopyComplete {statistics}`.
-//! With a planner (`--mode auto`, or the hybrid split from measured rates)
-//! `Ready` is followed by `Probe … RoundEnd {u32::MAX}` ◀ `RoundAck`: a
+//! When the policy asks for measured rates (`--mode auto`, the hybrid split
+//! from measured rates, `--predict`)
+//! `Ready` is followed by `Probe … RoundEnd {CALIBRATION_ROUND}` ◀ `RoundAck`: a
 //! calibration burst that measures the link rate μ; its content is
 //! discarded.
+//!
+//! # The two ends as state machines (`crate::state`)
+//! ```text
+//!  source (SourcePhase)                     destination (DestinationPhase, after Ready)
+//!
+//!  Handshake ──authenticated──▶ Setup            ┌─ Pages, Probe, RoundEnd ─┐
+//!                                │               ▼                          │
+//!          plan: pre / hybrid ───┤           Rounds ────────────────────────┘
+//!          ┌─────────────────────┘               │ State
+//!          ▼                                     ▼
+//!   Rounds{round, start} ◀─ continue ─┐      Restored ◀── Checksums
+//!          │  └───────────────────────┘          │ │
+//!          │ stop-and-copy / post-copy           │ └── PostcopyBegin ──▶ PostcopyArmed
+//!          ▼                  plan: post         │ Complete                 │ Complete
+//!   SwitchOver{rule, postcopy} ◀──────────       ▼                          ▼
+//!          │ Resumed (pre)   │ Resumed (post)  Completed ◀── PostcopyDone ── Postcopy
+//!          ▼                 ▼                                              (Pages)
+//!      Completed ◀──── Postcopy
+//!               PostcopyComplete
+//!
+//!  any phase before Completed ─ error ─▶ Failed   any phase ─ Abort ─▶ Failed
+//!  before the switch-over completes ─ cancel ─▶ Cancelled (source resumes)
+//! ```
+//! Any other frame is refused where it arrives (`IllegalTransition`).
 //!
 //! `RoundAck` makes a round's time end-to-end: the bandwidth that predicts
 //! the downtime is what the destination absorbed, not how fast the source
 //! filled its socket buffer.
 //!
-//! Either side may send `Abort {reason}` at any point; a source that has not
-//! received `Resumed` then resumes its guest, which has lost nothing.
+//! Either side may send `Abort {code, count, detail}` at any point (see
+//! [`Abort`]); a source that has not received `Resumed` then resumes its
+//! guest, which has lost nothing.
 //!
 //! # Framing
 //! Every frame is a 16-byte header and a payload:

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
 use crate::endpoint::{BoxError, SourceVm};
-use crate::precopy::count;
 use crate::uffd::Userfault;
 
 /// One round: sampled pages re-armed (and the dirty log read) this often.
@@ -122,16 +122,9 @@ pub fn measure<V: SourceVm>(
             let round = Instant::now();
             samples.iter().for_each(|&(_, a)| zap(a));
             std::thread::sleep(ROUND.saturating_sub(round.elapsed()));
-            let dirty = vm.take_dirty_bitmap().unwrap_or_default();
-            let in_sample = samples
-                .iter()
-                .filter(|&&(p, _)| {
-                    dirty
-                        .get((p / 64) as usize)
-                        .is_some_and(|w| w & (1 << (p % 64)) != 0)
-                })
-                .count() as u64;
-            written_unsampled += count(&dirty) - in_sample;
+            let dirty = DirtyBitmap::from_words(vm.take_dirty_bitmap().unwrap_or_default());
+            let in_sample = samples.iter().filter(|&&(p, _)| dirty.contains(p)).count() as u64;
+            written_unsampled += dirty.count() - in_sample;
         }
         stop.store(true, Ordering::Release);
     });

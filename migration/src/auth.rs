@@ -14,7 +14,9 @@ use std::path::Path;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::protocol::{read_frame, write_frame, Cursor, Kind, ProtocolError, VERSION};
+use crate::protocol::{
+    read_frame, write_frame, Abort, AbortCode, Cursor, Kind, ProtocolError, VERSION,
+};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -132,11 +134,8 @@ pub fn authenticate_as_source(
     let mac_d = c.take(MAC_LEN)?;
     c.finish()?;
     if !secret.verify(b"dst", &nonce_s, nonce_d, mac_d) {
-        let _ = write_frame(
-            s,
-            Kind::Abort,
-            b"authentication failed: destination proof invalid",
-        );
+        let abort = Abort::new(AbortCode::Authentication, 0, "destination proof invalid");
+        let _ = write_frame(s, Kind::Abort, &abort.encode());
         return Err(AuthError::PeerNotAuthenticated);
     }
     write_frame(s, Kind::Proof, &secret.mac(b"src", nonce_d, &nonce_s))?;
@@ -170,11 +169,8 @@ pub fn authenticate_as_destination(
         Err(e) => return Err(e.into()),
     };
     if proof.len() != MAC_LEN || !secret.verify(b"src", &nonce_d, &nonce_s, &proof) {
-        let _ = write_frame(
-            s,
-            Kind::Abort,
-            b"authentication failed: source proof invalid",
-        );
+        let abort = Abort::new(AbortCode::Authentication, 0, "source proof invalid");
+        let _ = write_frame(s, Kind::Abort, &abort.encode());
         let _ = s.flush();
         return Err(AuthError::PeerNotAuthenticated);
     }

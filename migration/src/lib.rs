@@ -1,36 +1,48 @@
 //! Live migration of a running VM from one VMM process to another over TCP.
 //!
-//! The phases, one module each:
-//! - [`protocol`]: framing and the message sequence (read its rustdoc first);
-//! - [`auth`]: shared-secret challenge–response before anything else;
-//! - [`codec`]: how pages travel (a table, then bodies: zero flag, raw, lz4);
-//! - [`precopy`]: dirty-log rounds while the guest runs, and the stop rules;
-//! - [`stop_and_copy`]: pause, last dirty pages, machine state, switch-over;
-//! - [`receive`]: the destination; [`placement`]: page batches received
-//!   straight into guest RAM;
-//! - [`report`]: what a migration measured.
+//! The crate reads bottom-up; no module imports one above it:
+//! 1. the wire and the pages: [`protocol`] (framing, the message sequence
+//!    and both ends' state machines — read its rustdoc first), [`auth`],
+//!    [`codec`], [`bitmap`], [`transport`], [`rate_limit`], [`uffd`];
+//! 2. the kit every phase shares: [`error`], [`options`], [`report`],
+//!    [`state`] (the state machines), [`policy`] (the decisions),
+//!    [`sender`] (the page sender);
+//! 3. the phases: [`precopy`], [`postcopy`], [`stop_and_copy`] (pause,
+//!    last pages, machine state, switch-over);
+//! 4. the ends: [`source`] orchestrates the phases; [`receive`] is the
+//!    destination ([`placement`]: page batches received straight into
+//!    guest RAM).
 //!
 //! The engine does not know how the VMM is built: it drives a [`SourceVm`]
 //! and a [`DestinationVm`], two small traits the VMM implements.
 
 pub mod access_rate;
 pub mod auth;
+pub mod bitmap;
 pub mod codec;
 pub mod endpoint;
+pub mod error;
 pub mod model;
+pub mod options;
 pub mod placement;
+pub mod policy;
 pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
 pub mod rate_limit;
 pub mod receive;
 pub mod report;
+pub mod sender;
 pub mod source;
+pub mod state;
 pub mod stop_and_copy;
 pub mod transport;
 pub mod uffd;
 pub mod verify;
 
 pub use endpoint::{BoxError, DestinationVm, SourceVm};
+pub use error::MigrationError;
+pub use options::{Mode, Options, Split};
 pub use report::Report;
-pub use source::{migrate, MigrationError, Mode, Options, Progress};
+pub use sender::{Progress, ProgressHandle};
+pub use source::{migrate, migrate_with_policy};

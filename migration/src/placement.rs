@@ -15,6 +15,7 @@
 
 use std::io::{IoSliceMut, Read};
 
+use crate::bitmap::DirtyBitmap;
 use crate::codec::{self, Encoding, Entry, PAGE};
 use crate::protocol::{malformed, FrameHeader, ProtocolError};
 
@@ -39,7 +40,7 @@ pub fn receive_in_place(
     header: &FrameHeader,
     ram: Vec<(u64, &mut [u8])>,
     ram_pages: u64,
-    written: &mut [u64],
+    written: &mut DirtyBitmap,
     payload: &mut Vec<u8>,
 ) -> Result<Placed, ProtocolError> {
     let len = header.len as usize;
@@ -135,14 +136,13 @@ fn apply_after_check(
     entries: &[Entry],
     targets: Vec<&mut [u8]>,
     lz4_bodies: &[&mut [u8]],
-    written: &mut [u64],
+    written: &mut DirtyBitmap,
 ) -> Result<Placed, ProtocolError> {
     let mut pages = 0;
     let mut lz4 = lz4_bodies.iter();
     for (e, target) in entries.iter().zip(targets) {
-        let (word, bit) = ((e.page / 64) as usize, 1u64 << (e.page % 64));
         match e.encoding {
-            Encoding::Zero if written[word] & bit == 0 => continue,
+            Encoding::Zero if !written.contains(e.page) => continue,
             Encoding::Zero => target.fill(0),
             Encoding::Raw => {}
             Encoding::Lz4 => {
@@ -150,7 +150,7 @@ fn apply_after_check(
                 codec::decompress(e.page, body, target)?;
             }
         }
-        written[word] |= bit;
+        written.insert(e.page);
         pages += 1;
     }
     Ok(Placed::Pages(pages))
@@ -229,7 +229,7 @@ mod tests {
     fn receive(
         wire: &[u8],
         ram: &mut [u8],
-        written: &mut [u64],
+        written: &mut DirtyBitmap,
     ) -> Result<(Placed, Vec<u8>), ProtocolError> {
         let mut r = wire;
         let header = read_header(&mut r)?;
@@ -243,8 +243,8 @@ mod tests {
     #[test]
     fn raw_lz4_and_zero_pages_land_in_place_across_regions() {
         let mut ram = vec![0xaau8; RAM_PAGES as usize * PAGE];
-        let mut written = vec![0u64; 1];
-        written[0] |= 1 << 39; // page 39 was written before: its zero page must clear it
+        let mut written = DirtyBitmap::new(64);
+        written.insert(39); // page 39 was written before: its zero page must clear it
         let pages = vec![
             (2, page(1, false)),
             (3, page(2, true)),
@@ -262,7 +262,7 @@ mod tests {
         for (n, data) in &pages {
             let at = *n as usize * PAGE;
             assert_eq!(&ram[at..at + PAGE], &data[..], "page {n}");
-            assert_ne!(written[0] & (1 << n), 0);
+            assert!(written.contains(*n));
         }
         assert!(ram[..2 * PAGE].iter().all(|b| *b == 0xaa), "untouched");
     }
@@ -273,7 +273,7 @@ mod tests {
         let last = wire.len() - 1;
         wire[last] ^= 1;
         let mut ram = vec![0u8; RAM_PAGES as usize * PAGE];
-        let err = receive(&wire, &mut ram, &mut [0]).unwrap_err();
+        let err = receive(&wire, &mut ram, &mut DirtyBitmap::new(64)).unwrap_err();
         assert!(matches!(err, ProtocolError::BadCrc { .. }), "{err}");
     }
 
@@ -281,7 +281,7 @@ mod tests {
     fn pages_out_of_order_are_handed_back_whole() {
         let wire = frame(&[(9, page(1, false)), (4, page(2, false))]);
         let mut ram = vec![0u8; RAM_PAGES as usize * PAGE];
-        let (placed, payload) = receive(&wire, &mut ram, &mut [0]).unwrap();
+        let (placed, payload) = receive(&wire, &mut ram, &mut DirtyBitmap::new(64)).unwrap();
         assert_eq!(placed, Placed::Payload);
         assert_eq!(payload, wire[HEADER_LEN..]);
         assert!(ram.iter().all(|b| *b == 0), "nothing placed");
@@ -309,7 +309,7 @@ mod tests {
             reseal(good[..good.len() - 1].to_vec()),
         ];
         for wire in cases {
-            assert!(receive(&wire, &mut ram, &mut [0]).is_err());
+            assert!(receive(&wire, &mut ram, &mut DirtyBitmap::new(64)).is_err());
         }
     }
 }

@@ -25,28 +25,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
+use crate::bitmap::{AtomicBitmap, DirtyBitmap};
 use crate::codec::{decode_batch, BatchEncoder, Compression, PageData, PAGE};
 use crate::endpoint::{DestinationVm, SourceVm};
-use crate::precopy::runs;
+use crate::error::{vm_err, MigrationError};
+use crate::policy::PushOrder;
 use crate::protocol::{read_frame, write_frame, Cursor, Kind, ProtocolError};
-use crate::source::{set_progress, vm_err, MigrationError, PageSender};
+use crate::report::PostcopyStats;
+use crate::sender::{set_progress, PageSender};
 use crate::uffd::Userfault;
-
-/// Page numbers in `bitmap`, one bit per page.
-fn bit(bitmap: &[u64], p: u64) -> bool {
-    bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0
-}
-
-fn set_bit(bitmap: &[AtomicU64], p: u64) -> bool {
-    let old = bitmap[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
-    old & (1 << (p % 64)) == 0
-}
-
-fn get_bit(bitmap: &[AtomicU64], p: u64) -> bool {
-    bitmap[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
-}
 
 /// Runs the calling thread at real-time priority if allowed (root): the
 /// demand path is a few microseconds of work per fault, but on a busy host
@@ -108,35 +95,37 @@ pub fn serve_faults<V: SourceVm>(vm: &V, stream: TcpStream, shared: &SourceShare
     }
 }
 
-/// Pushes every page of `needed` on the main connection, jumping to the
-/// neighbourhood of the last requested page; returns pages pushed.
+/// Pushes every page of `needed` on the main connection, in `order`;
+/// returns pages pushed.
 pub fn push<V: SourceVm>(
     s: &mut PageSender<'_, V>,
-    needed: &[u64],
+    needed: &DirtyBitmap,
     shared: &SourceShared,
+    order: PushOrder,
 ) -> Result<u64, MigrationError> {
     const CHUNK: u64 = 64;
-    let total_pages = needed.len() as u64 * 64;
-    let mut sent = vec![0u64; needed.len()];
-    let todo: u64 = needed.iter().map(|w| u64::from(w.count_ones())).sum();
+    let total_pages = needed.capacity();
+    let mut sent = DirtyBitmap::new(total_pages);
+    let todo = needed.count();
     set_progress(&s.progress, |p| {
         p.phase = "post-copy push".into();
         p.round_pages_sent = 0;
         p.round_pages_total = todo;
     });
+    let unsent = |sent: &DirtyBitmap, p: u64| needed.contains(p) && !sent.contains(p);
     let mut done = 0u64;
     let mut cursor = 0u64;
     let mut seen_request = 0u64;
     while done < todo {
         let req = shared.last_request.load(Ordering::Acquire);
-        if req != seen_request {
+        if order == PushOrder::FollowFaults && req != seen_request {
             seen_request = req;
             cursor = req; // the page after the requested one
         }
         // Next needed, unsent page from the cursor on (wrapping).
         let mut p = cursor % total_pages;
         let mut scanned = 0;
-        while scanned < total_pages && (!bit(needed, p) || bit(&sent, p)) {
+        while scanned < total_pages && !unsent(&sent, p) {
             p = (p + 1) % total_pages;
             scanned += 1;
         }
@@ -144,8 +133,8 @@ pub fn push<V: SourceVm>(
             break;
         }
         let mut n = 0;
-        while n < CHUNK && p + n < total_pages && bit(needed, p + n) && !bit(&sent, p + n) {
-            sent[((p + n) / 64) as usize] |= 1 << ((p + n) % 64);
+        while n < CHUNK && p + n < total_pages && unsent(&sent, p + n) {
+            sent.insert(p + n);
             n += 1;
         }
         s.send_run(p, n)?;
@@ -157,32 +146,15 @@ pub fn push<V: SourceVm>(
     Ok(done)
 }
 
-/// What the destination measured during post-copy.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PostcopyStats {
-    pub demand_faults: u64,
-    pub fault_latency_p50_us: f64,
-    pub fault_latency_p99_us: f64,
-    pub fault_latency_max_us: f64,
-    pub pages_pushed: u64,
-    pub pages_pulled: u64,
-    pub bytes_pushed: u64,
-    pub bytes_pulled: u64,
-    /// From resume until the last needed page was present.
-    pub last_page_after_resume_ms: f64,
-    /// Longest heartbeat gap after resume (the guest's worst stall).
-    pub longest_stall_ms: f64,
-}
-
 // ----------------------------------------------------------- destination --
 
 /// Shared by the destination's fault thread, reply thread and main thread.
 pub struct DestShared {
     uffd: Userfault,
     mappings: Vec<(u64, u64, u64)>,
-    needed: Vec<AtomicU64>,
-    present: Vec<AtomicU64>,
-    requested: Vec<AtomicU64>,
+    needed: AtomicBitmap,
+    present: AtomicBitmap,
+    requested: AtomicBitmap,
     needed_count: AtomicU64,
     armed: AtomicBool,
     present_count: AtomicU64,
@@ -201,7 +173,7 @@ pub struct DestShared {
 impl DestShared {
     /// Whether `page` is one post-copy must bring.
     pub fn is_needed(&self, page: u64) -> bool {
-        page < self.needed.len() as u64 * 64 && get_bit(&self.needed, page)
+        self.needed.contains(page)
     }
 
     /// Whether the source went away before every page arrived.
@@ -235,7 +207,7 @@ impl DestShared {
 
     /// Installs a received page if it is still missing.
     fn install(&self, page: u64, data: PageData<'_>) -> std::io::Result<()> {
-        if !get_bit(&self.needed, page) || get_bit(&self.present, page) {
+        if !self.needed.contains(page) || self.present.contains(page) {
             return Ok(());
         }
         let Some(addr) = self.host_addr(page) else {
@@ -247,7 +219,7 @@ impl DestShared {
             PageData::Bytes(b) => self.uffd.copy(addr, b)?,
         };
         // Push and demand may both deliver a page; count it once.
-        if set_bit(&self.present, page) {
+        if self.present.insert(page) {
             self.present_count.fetch_add(1, Ordering::AcqRel);
             if let Some(good) = good {
                 self.verified.fetch_add(1, Ordering::Relaxed);
@@ -270,8 +242,8 @@ impl DestShared {
     pub fn missing(&self, limit: usize) -> (u64, Vec<u64>) {
         let mut first = Vec::new();
         let mut count = 0;
-        for p in 0..self.needed.len() as u64 * 64 {
-            if get_bit(&self.needed, p) && !get_bit(&self.present, p) {
+        for p in 0..self.needed.capacity() {
+            if self.needed.contains(p) && !self.present.contains(p) {
                 count += 1;
                 if first.len() < limit {
                     first.push(p);
@@ -321,8 +293,6 @@ impl PostcopyDestination {
         ram_pages: u64,
         fault_conn: TcpStream,
     ) -> Result<Self, MigrationError> {
-        let words = ram_pages.div_ceil(64) as usize;
-        let atomics = || (0..words).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
         let uffd = Userfault::new().map_err(|e| vm_err("open userfaultfd")(e.into()))?;
         let mappings = dst.ram_mappings().map_err(vm_err("find RAM mappings"))?;
         for &(_, host, len) in &mappings {
@@ -332,9 +302,9 @@ impl PostcopyDestination {
         let shared = Arc::new(DestShared {
             uffd,
             mappings,
-            needed: atomics(),
-            present: atomics(),
-            requested: atomics(),
+            needed: AtomicBitmap::new(ram_pages),
+            present: AtomicBitmap::new(ram_pages),
+            requested: AtomicBitmap::new(ram_pages),
             needed_count: AtomicU64::new(0),
             armed: AtomicBool::new(false),
             present_count: AtomicU64::new(0),
@@ -379,24 +349,20 @@ impl PostcopyDestination {
         &mut self,
         dst: &mut D,
         needed_runs: &[(u64, u64)],
-        written: &[u64],
+        written: &DirtyBitmap,
         expected: Option<Vec<Option<u32>>>,
     ) -> Result<(), MigrationError> {
         let sh = &self.shared;
         let mut count = 0;
         for &(f, n) in needed_runs {
-            for p in f..f + n {
-                set_bit(&sh.needed, p);
-            }
+            (f..f + n).for_each(|p| {
+                sh.needed.insert(p);
+            });
             count += n;
         }
-        let stale: Vec<u64> = sh
-            .needed
-            .iter()
-            .zip(written)
-            .map(|(n, w)| n.load(Ordering::Acquire) & w)
-            .collect();
-        for (f, n) in runs(&stale) {
+        let mut stale = sh.needed.snapshot();
+        stale.intersect_with(written);
+        for (f, n) in stale.runs() {
             dst.punch_hole(f * PAGE as u64, n * PAGE as u64)
                 .map_err(vm_err("drop re-dirtied pages"))?;
         }
@@ -530,16 +496,16 @@ fn fault_loop(sh: &DestShared, mut conn: TcpStream) {
             continue;
         };
         let page_addr = addr & !(PAGE as u64 - 1);
-        if !get_bit(&sh.needed, page) {
+        if !sh.needed.contains(page) {
             // Never populated on the source: a zero page, served locally.
             let _ = sh.uffd.zeropage(page_addr, PAGE as u64);
             continue;
         }
-        if get_bit(&sh.present, page) {
+        if sh.present.contains(page) {
             let _ = sh.uffd.wake(page_addr, PAGE as u64);
             continue;
         }
-        if !set_bit(&sh.requested, page) {
+        if !sh.requested.insert(page) {
             continue; // already asked: its reply wakes every waiter
         }
         sh.request_times

@@ -4,109 +4,42 @@
 //! write the guest makes after a page was read is caught. Round 0 sends all
 //! populated memory (memfd holes are never read); each later round sends the
 //! pages KVM's dirty log (OR'd with the VMM's own writes) reports for the
-//! previous round. After each round the engine decides whether to stop:
-//!
-//! 1. `converged`: nothing was dirtied;
-//! 2. `downtime`: dirtied bytes / bandwidth measured in this round ≤ the
-//!    downtime limit (QEMU's and Cloud Hypervisor's rule, 300 ms default);
-//! 3. `max_rounds`: the round cap was reached (Xen's rule, seeds 002–003);
-//! 4. `max_bytes`: the bytes-sent cap was reached (Xen's other rule).
+//! previous round. This module measures and sends; the [`Policy`] decides:
+//! before each round whether to skip re-dirtied pages, after it whether to
+//! go on (and how hard to throttle the vCPUs), stop and copy, or switch to
+//! post-copy (see `policy::stop_rules` for the rules and why).
 //!
 //! The pages dirtied in the last running round are sent by stop-and-copy.
 //!
-//! A guest that dirties memory faster than the link carries it never meets
-//! rule 2: every round re-sends about as much as the one before, and only
-//! rules 3 and 4 end pre-copy, with a downtime of a whole working set over
-//! the link (seed 002's "jump"). With `auto_converge` the engine then
-//! throttles the vCPUs as QEMU does ([`Throttle`]): the guest runs less, so
-//! it dirties less, until a round fits the downtime limit. With
-//! `skip_redirtied` a round also leaves out the pages the guest dirtied
-//! again before the round reached them (Xen's "to skip"), since the next
-//! round sends them anyway: fewer bytes, the same dirty set at the end.
+//! Skipping re-dirtied pages (Xen's "to skip") leaves out of a round the
+//! pages the guest dirtied again before the round reached them, since the
+//! next round sends them anyway: fewer bytes, the same dirty set at the end.
 
 use std::time::Instant;
 
+use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
 use crate::endpoint::SourceVm;
+use crate::error::{vm_err, MigrationError};
+use crate::policy::{AfterRound, History, Policy, Skip, Start, StopRule, Throttle};
 use crate::protocol::{encode_round_end, Kind};
 use crate::report::Round;
-use crate::source::{set_progress, vm_err, MigrationError, Options, PageSender};
+use crate::sender::{set_progress, PageSender};
+use crate::state::{SourceEvent, SourcePhase};
 
-/// What pre-copy hands to stop-and-copy.
+/// What pre-copy hands to the switch-over.
 #[derive(Debug)]
 pub struct PrecopyOutcome {
     pub rounds: Vec<Round>,
-    /// Pages dirtied during the last round, still to be sent.
-    pub dirty: Vec<u64>,
-    pub stop_rule: &'static str,
-    pub bytes_raw: u64,
-    /// Hybrid: the pages pre-copy was responsible for (the V1 share).
-    pub share: Option<Vec<u64>>,
-}
-
-/// Auto-converge, QEMU's policy: a round that dirtied more than half of
-/// what it sent is "high"; after two high rounds the vCPUs are throttled
-/// to 20 %, and after every two more by 10 points more, up to 99 %.
-#[derive(Debug, Default)]
-pub struct Throttle {
-    high_rounds: u32,
-    pct: u8,
-}
-
-impl Throttle {
-    const INITIAL: u8 = 20;
-    const STEP: u8 = 10;
-    const MAX: u8 = 99;
-    /// Dirtied bytes above this share of the bytes sent make a round high.
-    const HIGH_SHARE: f64 = 0.5;
-
-    /// Takes a finished round's figures; returns the new throttle level if
-    /// it changes.
-    pub fn after_round(&mut self, sent_bytes: u64, dirtied_bytes: u64) -> Option<u8> {
-        if dirtied_bytes as f64 <= sent_bytes as f64 * Self::HIGH_SHARE {
-            return None;
-        }
-        self.high_rounds += 1;
-        if self.high_rounds < 2 {
-            return None;
-        }
-        self.high_rounds = 0;
-        let next = match self.pct {
-            0 => Self::INITIAL,
-            p => p.saturating_add(Self::STEP).min(Self::MAX),
-        };
-        (next != self.pct).then(|| {
-            self.pct = next;
-            next
-        })
-    }
-
-    /// The current level, in percent.
-    pub fn pct(&self) -> u8 {
-        self.pct
-    }
-}
-
-/// Runs of set bits in `bitmap`, as `(first_page, count)`.
-pub fn runs(bitmap: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
-    let mut i = 0u64;
-    let total = bitmap.len() as u64 * 64;
-    std::iter::from_fn(move || {
-        while i < total {
-            let w = bitmap[(i / 64) as usize] >> (i % 64);
-            if w == 0 {
-                i = (i / 64 + 1) * 64;
-                continue;
-            }
-            i += u64::from(w.trailing_zeros());
-            let start = i;
-            while i < total && bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0 {
-                i += 1;
-            }
-            return Some((start, i - start));
-        }
-        None
-    })
+    /// Pages of pre-copy's set dirtied during the last round, still to be
+    /// sent.
+    pub dirty: DirtyBitmap,
+    pub stop_rule: StopRule,
+    /// Whether the policy chose post-copy for what is left.
+    pub postcopy: bool,
+    /// The pages pre-copy was responsible for (all populated memory, or the
+    /// hybrid's share V1).
+    pub covered: DirtyBitmap,
 }
 
 /// The RAM the guest ever wrote, as page runs (memfd holes are left out).
@@ -139,22 +72,17 @@ pub fn coarsen(runs: &[(u64, u64)], max: usize) -> Vec<(u64, u64)> {
     }
 }
 
-/// Number of set bits.
-pub fn count(bitmap: &[u64]) -> u64 {
-    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
-}
-
 /// How many pages a round sends between two looks at the dirty log when
 /// it skips re-dirtied pages (4 MiB, as Xen).
 const PEEK_PAGES: u64 = 1024;
 
 /// Xen's "to skip" list: a page the guest dirtied again since this round
 /// began will be sent by the next round anyway, so sending it now is
-/// wasted. Every [`PEEK_PAGES`] pages the dirty log is read and OR'd into
+/// wasted. Every [`PEEK_PAGES`] pages the dirty log is read and added to
 /// `seen` (so that nothing read is lost: the caller adds `seen` to the
-/// round's dirty set), and pages set there are skipped.
+/// round's dirty set), and pages in `seen` are skipped.
 struct Redirtied<'a> {
-    seen: &'a mut [u64],
+    seen: &'a mut DirtyBitmap,
     since_peek: u64,
     skipped: u64,
 }
@@ -171,12 +99,11 @@ impl Redirtied<'_> {
             let fresh = vm
                 .take_dirty_bitmap()
                 .map_err(vm_err("read the dirty log"))?;
-            self.seen.iter_mut().zip(&fresh).for_each(|(s, f)| *s |= f);
+            self.seen.union_with(&DirtyBitmap::from_words(fresh));
             self.since_peek = 0;
         }
-        let clean = |p: u64| self.seen[(p / 64) as usize] & (1 << (p % 64)) == 0;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for p in (first..first + n).filter(|&p| clean(p)) {
+        for p in (first..first + n).filter(|&p| !self.seen.contains(p)) {
             match out.last_mut() {
                 Some((f, k)) if *f + *k == p => *k += 1,
                 _ => out.push((p, 1)),
@@ -190,14 +117,14 @@ impl Redirtied<'_> {
 }
 
 /// Sends one round: the given page runs, then `RoundEnd`. With `redirtied`
-/// (a bitmap, zero at the start of the round), pages the guest dirties
-/// again meanwhile are skipped and left set there.
+/// (empty at the start of the round), pages the guest dirties again
+/// meanwhile are skipped and left there.
 pub fn send_round<V: SourceVm>(
     s: &mut PageSender<'_, V>,
     round: u32,
     page_runs: &[(u64, u64)],
     paused: bool,
-    redirtied: Option<&mut [u64]>,
+    redirtied: Option<&mut DirtyBitmap>,
 ) -> Result<Round, MigrationError> {
     let t = Instant::now();
     let wire0 = s.out.bytes;
@@ -255,113 +182,97 @@ pub fn send_round<V: SourceVm>(
     })
 }
 
-/// The first `budget` bytes of `ranges` (page runs), and their bitmap.
-fn take_share(ranges: &[(u64, u64)], budget: u64, words: usize) -> (Vec<(u64, u64)>, Vec<u64>) {
+/// The first `budget` bytes of `ranges` (page runs).
+fn take_share(ranges: &[(u64, u64)], budget: u64) -> Vec<(u64, u64)> {
     let mut left = budget.div_ceil(PAGE as u64);
     let mut out = Vec::new();
-    let mut mask = vec![0u64; words];
     for &(f, n) in ranges {
         if left == 0 {
             break;
         }
         let k = n.min(left);
         out.push((f, k));
-        for p in f..f + k {
-            mask[(p / 64) as usize] |= 1 << (p % 64);
-        }
         left -= k;
     }
-    (out, mask)
+    out
 }
 
-/// Runs pre-copy rounds until a stop rule fires. With `share` (hybrid),
-/// only that many bytes of memory are pre-copied, rounds re-send only pages
-/// of that share, and the stop rule is the model's threshold l instead of
-/// the downtime estimate (the dirty rest is post-copied, not sent while
-/// the guest is stopped).
+/// Runs pre-copy rounds until the policy stops them. `history` (with no
+/// rounds yet) gains one entry per round; `phase` follows the rounds. For
+/// a hybrid, only the share's pages are pre-copied, and later rounds
+/// re-send only pages of that share (the dirty rest is post-copied).
 pub fn run_rounds<V: SourceVm>(
     s: &mut PageSender<'_, V>,
-    opts: &Options,
-    share: Option<u64>,
+    policy: &mut dyn Policy,
+    history: &mut History,
+    phase: &mut SourcePhase,
+    started: Instant,
 ) -> Result<PrecopyOutcome, MigrationError> {
     s.vm.start_dirty_log()
         .map_err(vm_err("start dirty logging"))?;
+    let ram_pages = s.vm.ram_size() / PAGE as u64;
     let populated = populated_pages(s.vm)?;
-    let words = (s.vm.ram_size() / PAGE as u64).div_ceil(64) as usize;
-    let (mut page_runs, mask) = match share {
-        Some(bytes) => {
-            let (r, m) = take_share(&populated, bytes, words);
-            (r, Some(m))
-        }
-        None => (populated, None),
+    let (mut page_runs, hybrid) = match history.start {
+        Start::Hybrid { precopy_bytes } => (take_share(&populated, precopy_bytes), true),
+        _ => (populated, false),
     };
-    let mut rounds = Vec::new();
+    let covered = DirtyBitmap::from_runs(ram_pages, &page_runs);
     let mut bandwidth = f64::INFINITY;
-    // Throttling serves the downtime rule; hybrid post-copies its dirty rest.
-    let mut throttle = (opts.auto_converge && mask.is_none()).then(Throttle::default);
-    let mut redirtied = opts.skip_redirtied.then(|| vec![0u64; words]);
+    let mut throttle_pct = 0u8;
     for round in 0.. {
-        let mut r = send_round(s, round, &page_runs, false, redirtied.as_deref_mut())?;
-        r.throttle_pct = throttle.as_ref().map_or(0, Throttle::pct);
-        let mut dirty =
+        let mut seen = match policy.round(history).skip {
+            Skip::Redirtied => Some(DirtyBitmap::new(ram_pages)),
+            Skip::Nothing => None,
+        };
+        let mut r = send_round(s, round, &page_runs, false, seen.as_mut())?;
+        r.throttle_pct = throttle_pct;
+        let mut dirty = DirtyBitmap::from_words(
             s.vm.take_dirty_bitmap()
-                .map_err(vm_err("read the dirty log"))?;
-        if let Some(seen) = redirtied.as_mut() {
+                .map_err(vm_err("read the dirty log"))?,
+        );
+        if let Some(seen) = &seen {
             // Skipped pages are still dirty: they go with the next round.
-            dirty.iter_mut().zip(seen.iter()).for_each(|(d, s)| *d |= s);
-            seen.fill(0);
+            dirty.union_with(seen);
         }
         // Only the share's pages are pre-copy's business.
-        let relevant: Vec<u64> = match &mask {
-            Some(m) => dirty.iter().zip(m).map(|(d, m)| d & m).collect(),
-            None => dirty.clone(),
-        };
-        let dirtied = count(&relevant);
+        let mut pending = dirty.clone();
+        if hybrid {
+            pending.intersect_with(&covered);
+        }
         let secs = r.duration_ms / 1e3;
         if r.bytes > 0 && secs > 0.0 {
             bandwidth = r.bytes as f64 / secs;
         }
-        r.dirtied_pages = count(&dirty);
+        r.dirtied_pages = dirty.count();
         r.dirty_rate_pages_s = r.dirtied_pages as f64 / secs.max(1e-9);
-        r.estimated_downtime_ms = dirtied as f64 * PAGE as f64 / bandwidth * 1e3;
-        let est_ms = r.estimated_downtime_ms;
-        let r_bytes = r.bytes;
-        rounds.push(r);
-        let sent = s.out.bytes;
-        let rule = if dirtied == 0 {
-            Some("converged")
-        } else if mask.is_some() && dirtied * PAGE as u64 <= opts.threshold {
-            Some("threshold")
-        } else if mask.is_none() && est_ms <= opts.max_downtime.as_secs_f64() * 1e3 {
-            Some("downtime")
-        } else if round + 1 >= opts.max_rounds {
-            Some("max_rounds")
-        } else if sent >= opts.max_bytes {
-            Some("max_bytes")
-        } else {
-            None
-        };
-        if let Some(stop_rule) = rule {
-            tracing::info!("pre-copy stops after round {round}: {stop_rule}");
-            if mask.is_some() {
-                dirty = relevant;
+        r.estimated_downtime_ms = pending.count() as f64 * PAGE as f64 / bandwidth * 1e3;
+        history.rounds.push(r);
+        history.pending_pages = pending.count();
+        history.bytes_sent = s.out.bytes;
+        history.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        let decision = policy.after_round(history);
+        *phase = phase.next(SourceEvent::RoundEnded(decision))?;
+        let (stop_rule, postcopy) = match decision {
+            AfterRound::Continue { throttle } => {
+                if let Throttle::Percent(pct) = throttle {
+                    tracing::info!("auto-converge: vCPUs throttled to {pct} %");
+                    s.vm.set_throttle(pct);
+                    throttle_pct = pct;
+                }
+                page_runs = pending.runs().collect();
+                continue;
             }
-            return Ok(PrecopyOutcome {
-                rounds,
-                dirty,
-                stop_rule,
-                bytes_raw: s.enc.stats.bytes_raw,
-                share: mask,
-            });
-        }
-        if let Some(pct) = throttle
-            .as_mut()
-            .and_then(|t| t.after_round(r_bytes, dirtied * PAGE as u64))
-        {
-            tracing::info!("auto-converge: vCPUs throttled to {pct} %");
-            s.vm.set_throttle(pct);
-        }
-        page_runs = runs(&relevant).collect();
+            AfterRound::StopAndCopy { rule } => (rule, false),
+            AfterRound::PostCopy { rule } => (rule, true),
+        };
+        tracing::info!("pre-copy stops after round {round}: {}", stop_rule.name());
+        return Ok(PrecopyOutcome {
+            rounds: history.rounds.clone(),
+            dirty: if hybrid { pending } else { dirty },
+            stop_rule,
+            postcopy,
+            covered,
+        });
     }
     unreachable!("the round loop only ends by returning")
 }
@@ -371,39 +282,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_of_bits() {
-        let bm = [0b1110_0110u64, 1 << 63, 1];
-        let r: Vec<_> = runs(&bm).collect();
-        assert_eq!(r, vec![(1, 2), (5, 3), (127, 2)]);
-        assert_eq!(count(&bm), 7);
-        assert_eq!(runs(&[0, 0]).count(), 0);
-    }
-
-    #[test]
-    fn throttle_steps_up_after_every_two_high_rounds() {
-        let mut t = Throttle::default();
-        // Dirtied ≤ half of what was sent: never throttled.
-        for _ in 0..5 {
-            assert_eq!(t.after_round(100, 50), None);
-        }
-        assert_eq!(t.after_round(100, 60), None);
-        assert_eq!(t.after_round(100, 60), Some(20));
-        assert_eq!(t.after_round(100, 60), None);
-        assert_eq!(t.after_round(100, 60), Some(30));
-        for _ in 0..40 {
-            t.after_round(100, 100);
-        }
-        assert_eq!(t.pct(), 99, "capped");
-        assert_eq!(t.after_round(100, 100), None);
-        assert_eq!(t.after_round(100, 100), None, "no change past the cap");
-    }
-
-    #[test]
     fn coarsened_runs_cover_the_originals() {
         let r = [(0, 2), (3, 1), (10, 5), (40, 1)];
         assert_eq!(coarsen(&r, 4), r.to_vec());
         assert_eq!(coarsen(&r, 3), vec![(0, 4), (10, 5), (40, 1)]);
         assert_eq!(coarsen(&r, 1), vec![(0, 41)]);
         assert!(coarsen(&[], 1).is_empty());
+    }
+
+    #[test]
+    fn a_share_is_the_first_bytes_of_populated_memory() {
+        let populated = [(0, 4), (10, 10)];
+        assert_eq!(
+            take_share(&populated, 6 * PAGE as u64),
+            vec![(0, 4), (10, 2)]
+        );
+        assert_eq!(take_share(&populated, 1), vec![(0, 1)]);
+        assert!(take_share(&populated, 0).is_empty());
     }
 }

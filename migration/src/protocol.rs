@@ -32,17 +32,43 @@
 //! while on the fault connection the destination sends `PageRequest {page}`
 //! and the source answers each with a one-page `Pages`. When every needed
 //! page is present the destination sends `PostcopyComplete {statistics}`.
-//! With a planner (`--mode auto`, or the hybrid split from measured rates)
-//! `Ready` is followed by `Probe … RoundEnd {u32::MAX}` ◀ `RoundAck`: a
+//! When the policy asks for measured rates (`--mode auto`, the hybrid split
+//! from measured rates, `--predict`)
+//! `Ready` is followed by `Probe … RoundEnd {CALIBRATION_ROUND}` ◀ `RoundAck`: a
 //! calibration burst that measures the link rate μ; its content is
 //! discarded.
+//!
+//! # The two ends as state machines (`crate::state`)
+//! ```text
+//!  source (SourcePhase)                     destination (DestinationPhase, after Ready)
+//!
+//!  Handshake ──authenticated──▶ Setup            ┌─ Pages, Probe, RoundEnd ─┐
+//!                                │               ▼                          │
+//!          plan: pre / hybrid ───┤           Rounds ────────────────────────┘
+//!          ┌─────────────────────┘               │ State
+//!          ▼                                     ▼
+//!   Rounds{round, start} ◀─ continue ─┐      Restored ◀── Checksums
+//!          │  └───────────────────────┘          │ │
+//!          │ stop-and-copy / post-copy           │ └── PostcopyBegin ──▶ PostcopyArmed
+//!          ▼                  plan: post         │ Complete                 │ Complete
+//!   SwitchOver{rule, postcopy} ◀──────────       ▼                          ▼
+//!          │ Resumed (pre)   │ Resumed (post)  Completed ◀── PostcopyDone ── Postcopy
+//!          ▼                 ▼                                              (Pages)
+//!      Completed ◀──── Postcopy
+//!               PostcopyComplete
+//!
+//!  any phase before Completed ─ error ─▶ Failed   any phase ─ Abort ─▶ Failed
+//!  before the switch-over completes ─ cancel ─▶ Cancelled (source resumes)
+//! ```
+//! Any other frame is refused where it arrives (`IllegalTransition`).
 //!
 //! `RoundAck` makes a round's time end-to-end: the bandwidth that predicts
 //! the downtime is what the destination absorbed, not how fast the source
 //! filled its socket buffer.
 //!
-//! Either side may send `Abort {reason}` at any point; a source that has not
-//! received `Resumed` then resumes its guest, which has lost nothing.
+//! Either side may send `Abort {code, count, detail}` at any point (see
+//! [`Abort`]); a source that has not received `Resumed` then resumes its
+//! guest, which has lost nothing.
 //!
 //! # Framing
 //! Every frame is a 16-byte header and a payload:
@@ -57,7 +83,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Frame magic, "LMIG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// Largest payload accepted: a page batch or a state blob fits well inside.
@@ -88,7 +114,7 @@ pub enum ProtocolError {
         expected: &'static str,
     },
     #[error("Peer aborted the migration: {0}")]
-    PeerAborted(String),
+    PeerAborted(Abort),
     #[error("Peer speaks protocol version {0}, this side {VERSION}")]
     Version(u32),
 }
@@ -198,9 +224,7 @@ impl Frame {
             return Ok(self.payload);
         }
         if self.kind == Kind::Abort {
-            return Err(ProtocolError::PeerAborted(
-                String::from_utf8_lossy(&self.payload).into_owned(),
-            ));
+            return Err(ProtocolError::PeerAborted(Abort::decode(&self.payload)?));
         }
         Err(ProtocolError::Unexpected {
             got: self.kind.name(),
@@ -414,6 +438,121 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Why a peer gave up, as both ends name it: a code, an optional count,
+/// and a short human-readable detail. Nothing is parsed back out of the
+/// text; the receiver of an `Abort` matches on [`AbortCode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abort {
+    pub code: AbortCode,
+    /// `PagesDiffer`: how many pages; otherwise 0.
+    pub count: u64,
+    /// Printable ASCII, at most [`Abort::MAX_DETAIL`] bytes.
+    pub detail: String,
+}
+
+/// What an [`Abort`] is about; the discriminant is the wire code (u16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum AbortCode {
+    /// The handshake failed (a wrong secret on either side).
+    Authentication = 1,
+    /// The destination failed to take the machine (I/O, a bad frame, a VMM
+    /// error).
+    DestinationFailed = 2,
+    /// The source failed before the switch-over completed.
+    SourceFailed = 3,
+    /// `--verify`: `count` pages differ between source and destination.
+    PagesDiffer = 4,
+    /// `--verify`: the guest's own check failed on the destination.
+    GuestVerification = 5,
+}
+
+impl AbortCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        use AbortCode::*;
+        [
+            Authentication,
+            DestinationFailed,
+            SourceFailed,
+            PagesDiffer,
+            GuestVerification,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
+    }
+}
+
+impl Abort {
+    /// Longest detail text sent or accepted.
+    pub const MAX_DETAIL: usize = 1024;
+
+    /// An abort with `detail` made printable and cut to [`Self::MAX_DETAIL`].
+    pub fn new(code: AbortCode, count: u64, detail: &str) -> Self {
+        let detail = detail
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .take(Self::MAX_DETAIL)
+            .collect();
+        Self {
+            code,
+            count,
+            detail,
+        }
+    }
+
+    /// `Abort` payload: code (u16), count (u64), detail (the rest).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = (self.code as u16).to_le_bytes().to_vec();
+        v.extend_from_slice(&self.count.to_le_bytes());
+        v.extend_from_slice(self.detail.as_bytes());
+        v
+    }
+
+    /// Decodes an `Abort` payload; an unknown code or an oversized detail
+    /// is malformed, unprintable bytes are replaced.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new(p, "Abort");
+        let raw = c.u16()?;
+        let code = AbortCode::from_u16(raw)
+            .ok_or_else(|| malformed("Abort", format!("unknown code {raw}")))?;
+        let count = c.u64()?;
+        let detail = c.take(c.remaining())?;
+        if detail.len() > Self::MAX_DETAIL {
+            return Err(malformed(
+                "Abort",
+                format!("{} bytes of detail", detail.len()),
+            ));
+        }
+        Ok(Self::new(code, count, &String::from_utf8_lossy(detail)))
+    }
+}
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            AbortCode::Authentication => write!(f, "authentication failed: {}", self.detail),
+            AbortCode::DestinationFailed => write!(f, "destination failed: {}", self.detail),
+            AbortCode::SourceFailed => write!(f, "source failed: {}", self.detail),
+            AbortCode::PagesDiffer => {
+                write!(f, "verification failed: {} pages differ", self.count)
+            }
+            AbortCode::GuestVerification => {
+                write!(f, "guest verification failed: {}", self.detail)
+            }
+        }
+    }
+}
+
+/// `RoundEnd` number that closes the calibration burst (`Probe` frames),
+/// never a real round's.
+pub const CALIBRATION_ROUND: u32 = u32::MAX;
+
 /// `RoundEnd` payload: the round number.
 pub fn encode_round_end(round: u32) -> [u8; 4] {
     round.to_le_bytes()
@@ -595,5 +734,20 @@ mod tests {
         let mut p = encode_config(1 << 20, false, &[], b"");
         p[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_config(&p).is_err());
+    }
+
+    #[test]
+    fn abort_reasons_round_trip_as_codes() {
+        let a = Abort::new(AbortCode::PagesDiffer, 12, "");
+        assert_eq!(Abort::decode(&a.encode()).unwrap(), a);
+        assert_eq!(a.to_string(), "verification failed: 12 pages differ");
+        let b = Abort::new(AbortCode::DestinationFailed, 0, "bad\n\x1b[31mline");
+        assert_eq!(b.detail, "bad??[31mline", "control characters are replaced");
+        let long = Abort::new(AbortCode::SourceFailed, 0, &"x".repeat(5000));
+        assert_eq!(long.detail.len(), Abort::MAX_DETAIL);
+        let mut unknown = a.encode();
+        unknown[0] = 99;
+        assert!(Abort::decode(&unknown).is_err());
+        assert!(Abort::decode(&[1]).is_err());
     }
 }

@@ -5,21 +5,25 @@
 //! Every frame is checked before use (see `protocol`); page numbers are
 //! bounded by the RAM size announced in `Config`, and the sequence is
 //! enforced: nothing but the handshake before `Accepted`, `Config` first,
-//! pages only before `State`, `Complete` only after `State`.
+//! then every frame moves [`DestinationPhase`], which refuses anything out
+//! of turn (pages only before `State`, `Complete` only after it, ...).
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
 use crate::auth::{self, Secret};
+use crate::bitmap::DirtyBitmap;
 use crate::codec::{decode_batch, PageData, PAGE};
 use crate::endpoint::DestinationVm;
+use crate::error::{vm_err, MigrationError};
 use crate::placement::{self, Placed};
-use crate::postcopy::{PostcopyDestination, PostcopyStats};
-use crate::protocol::{self, malformed, read_frame, write_frame, Kind, ProtocolError};
-use crate::report::{now_ns, ResumedInfo};
-use crate::source::{vm_err, MigrationError};
-use crate::stop_and_copy::PostcopyReport;
+use crate::postcopy::PostcopyDestination;
+use crate::protocol::{
+    self, malformed, read_frame, write_frame, Abort, AbortCode, Kind, ProtocolError,
+};
+use crate::report::{now_ns, PostcopyReport, PostcopyStats, ResumedInfo};
+use crate::state::DestinationPhase;
 use crate::{transport, verify};
 
 /// What the destination saw.
@@ -63,12 +67,8 @@ pub fn receive<D: DestinationVm>(
         if !matches!(e, MigrationError::MissingPages { .. }) {
             dst.discard();
         }
-        let reason = match e {
-            MigrationError::Mismatch(n) => format!("verification failed: {n} pages differ"),
-            MigrationError::GuestVerification(d) => format!("guest verification failed: {d}"),
-            other => format!("destination failed: {other}"),
-        };
-        let _ = write_frame(&mut writer, Kind::Abort, reason.as_bytes());
+        let abort = e.to_abort(AbortCode::DestinationFailed);
+        let _ = write_frame(&mut writer, Kind::Abort, &abort.encode());
         let _ = writer.flush();
     }
     result
@@ -111,8 +111,114 @@ fn accept_fault_channel(
     Ok(s)
 }
 
+/// What the destination learnt from `Config` and set up before `Ready`.
+struct Prepared {
+    ram_pages: u64,
+    postcopy: bool,
+    /// Post-copy's userfaultfd and threads, ready to be armed.
+    postcopy_ready: Option<PostcopyDestination>,
+    info: ResumedInfo,
+}
+
+/// What the destination holds while the frames come.
+struct Receiving {
+    /// Pages written so far: a zero page for one of them must overwrite
+    /// it; any other is already zero (fresh memfd).
+    written: DirtyBitmap,
+    run: PageRun,
+    /// `--verify`: the source's CRC of every page.
+    checksums: Option<Vec<Option<u32>>>,
+    /// Post-copy, once `PostcopyBegin` armed it.
+    armed: Option<PostcopyDestination>,
+}
+
 impl Session<'_> {
     fn run<D: DestinationVm>(&mut self, dst: &mut D) -> Result<Received, MigrationError> {
+        let mut prepared = self.prepare(dst)?;
+        let ram_pages = prepared.ram_pages;
+        let mut rx = Receiving {
+            written: DirtyBitmap::new(ram_pages),
+            run: PageRun::default(),
+            checksums: None,
+            armed: None,
+        };
+        let mut phase = DestinationPhase::Rounds;
+        let mut payload = Vec::new();
+        loop {
+            let header = protocol::read_header(self.reader)?;
+            self.out.bytes_wire += u64::from(header.len) + protocol::HEADER_LEN as u64;
+            let kind = header.kind;
+            phase = phase.on_frame(kind)?;
+            // Pre-copy's pages may go straight into guest RAM.
+            let placement = match (kind, prepared.postcopy) {
+                (Kind::Pages, false) => dst.ram_for_placement(),
+                _ => None,
+            };
+            match placement {
+                Some(ram) => {
+                    let placed = placement::receive_in_place(
+                        self.reader,
+                        &header,
+                        ram,
+                        ram_pages,
+                        &mut rx.written,
+                        &mut payload,
+                    )?;
+                    if let Placed::Pages(n) = placed {
+                        self.out.pages += n;
+                        continue;
+                    }
+                }
+                None => protocol::read_payload(self.reader, &header, &mut payload)?,
+            }
+            match kind {
+                Kind::Pages => self.write_pages(dst, &payload, ram_pages, &mut rx)?,
+                Kind::Probe => {} // calibration: read, dropped
+                Kind::RoundEnd => self.acknowledge_round(&payload)?,
+                Kind::State => {
+                    let info = &mut prepared.info;
+                    info.state_received_at_ns = now_ns();
+                    let t = Instant::now();
+                    dst.restore(&payload)
+                        .map_err(vm_err("restore machine state"))?;
+                    info.restore_ms = t.elapsed().as_secs_f64() * 1e3;
+                }
+                Kind::Checksums => {
+                    let c = rx
+                        .checksums
+                        .get_or_insert_with(|| vec![None; ram_pages as usize]);
+                    verify::decode_into(&payload, c)?;
+                }
+                Kind::PostcopyBegin => {
+                    let mut ready = prepared
+                        .postcopy_ready
+                        .take()
+                        .ok_or_else(|| malformed("PostcopyBegin", "not a post-copy migration"))?;
+                    let needed = protocol::decode_runs(&payload, ram_pages)?;
+                    let t = Instant::now();
+                    ready.arm(dst, &needed, &rx.written, rx.checksums.clone())?;
+                    rx.armed = Some(ready);
+                    prepared.info.postcopy_setup_ms = t.elapsed().as_secs_f64() * 1e3;
+                }
+                Kind::Complete => return self.complete(dst, phase, prepared, rx),
+                Kind::Abort => {
+                    return Err(ProtocolError::PeerAborted(Abort::decode(&payload)?).into())
+                }
+                k => {
+                    return Err(crate::state::IllegalTransition {
+                        phase: phase.name(),
+                        got: k.name(),
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// Reads `Config`, accepts the fault connection if post-copy may
+    /// follow, builds empty RAM, prefaults it (pre-copy) or prepares
+    /// userfaultfd (post-copy), and answers `Ready`.
+    fn prepare<D: DestinationVm>(&mut self, dst: &mut D) -> Result<Prepared, MigrationError> {
         let config = read_frame(self.reader)?.expect(Kind::Config)?;
         let protocol::ConfigMsg {
             ram_size,
@@ -137,148 +243,77 @@ impl Session<'_> {
             }
             info.prefault_ms = t.elapsed().as_secs_f64() * 1e3;
         }
+        let ram_pages = ram_size / PAGE as u64;
         // Post-copy's userfaultfd and threads are set up now, not in the downtime.
-        let mut pc_ready = match fault_conn {
-            Some(conn) => Some(PostcopyDestination::start(
-                dst,
-                ram_size / PAGE as u64,
-                conn,
-            )?),
+        let postcopy_ready = match fault_conn {
+            Some(conn) => Some(PostcopyDestination::start(dst, ram_pages, conn)?),
             None => None,
         };
         write_frame(self.writer, Kind::Ready, &[])?;
         self.writer.flush().map_err(ProtocolError::Io)?;
-        let ram_pages = ram_size / PAGE as u64;
-        // Pages written so far: a zero page for one of them must overwrite it;
-        // for any other it is already zero (fresh memfd).
-        let mut written = vec![0u64; ram_pages.div_ceil(64) as usize];
-        let zero = vec![0u8; PAGE];
-        let mut state_seen = false;
-        let mut checksums: Option<Vec<Option<u32>>> = None;
-        let mut payload = Vec::new();
-        let mut run = PageRun::default();
-        let mut pc: Option<PostcopyDestination> = None;
-        loop {
-            let header = protocol::read_header(self.reader)?;
-            self.out.bytes_wire += u64::from(header.len) + protocol::HEADER_LEN as u64;
-            let kind = header.kind;
-            let placement = match (kind, state_seen, postcopy) {
-                (Kind::Pages, false, false) => dst.ram_for_placement(),
-                _ => None,
+        Ok(Prepared {
+            ram_pages,
+            postcopy,
+            postcopy_ready,
+            info,
+        })
+    }
+
+    /// Writes a `Pages` frame read whole into guest RAM.
+    fn write_pages<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        payload: &[u8],
+        ram_pages: u64,
+        rx: &mut Receiving,
+    ) -> Result<(), MigrationError> {
+        let zero = [0u8; PAGE];
+        decode_batch::<MigrationError>(payload, ram_pages, |page, data| {
+            let bytes = match data {
+                PageData::Zero if !rx.written.contains(page) => return Ok(()),
+                PageData::Zero => &zero[..],
+                PageData::Bytes(b) => b,
             };
-            match placement {
-                Some(ram) => {
-                    let placed = placement::receive_in_place(
-                        self.reader,
-                        &header,
-                        ram,
-                        ram_pages,
-                        &mut written,
-                        &mut payload,
-                    )?;
-                    if let Placed::Pages(n) = placed {
-                        self.out.pages += n;
-                        continue;
-                    }
-                }
-                None => protocol::read_payload(self.reader, &header, &mut payload)?,
+            rx.written.insert(page);
+            self.out.pages += 1;
+            rx.run.push(dst, page, bytes)
+        })?;
+        rx.run.flush(dst)
+    }
+
+    /// Answers a `RoundEnd`: everything before it is in guest RAM.
+    fn acknowledge_round(&mut self, payload: &[u8]) -> Result<(), MigrationError> {
+        let round = protocol::decode_round_end(payload)?;
+        if round != protocol::CALIBRATION_ROUND {
+            self.out.rounds += 1;
+        }
+        write_frame(
+            self.writer,
+            Kind::RoundAck,
+            &protocol::encode_round_end(round),
+        )?;
+        self.writer.flush().map_err(ProtocolError::Io)?;
+        Ok(())
+    }
+
+    /// `Complete`: pre-copy ends here; post-copy resumes and goes on.
+    fn complete<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        phase: DestinationPhase,
+        prepared: Prepared,
+        rx: Receiving,
+    ) -> Result<Received, MigrationError> {
+        let ram_size = prepared.ram_pages * PAGE as u64;
+        match (phase, rx.armed) {
+            (DestinationPhase::Postcopy, Some(pc)) => {
+                self.complete_postcopy(dst, ram_size, rx.checksums, prepared.info, pc)
             }
-            match kind {
-                Kind::Pages if !state_seen => {
-                    decode_batch::<MigrationError>(&payload, ram_pages, |page, data| {
-                        let bit = (page / 64) as usize;
-                        let mask = 1u64 << (page % 64);
-                        let bytes = match data {
-                            PageData::Zero if written[bit] & mask == 0 => return Ok(()),
-                            PageData::Zero => &zero[..],
-                            PageData::Bytes(b) => b,
-                        };
-                        written[bit] |= mask;
-                        self.out.pages += 1;
-                        run.push(dst, page, bytes)
-                    })?;
-                    run.flush(dst)?;
-                }
-                Kind::Probe if !state_seen => {} // calibration: read, dropped
-                Kind::RoundEnd if !state_seen => {
-                    let round = protocol::decode_round_end(&payload)?;
-                    if round != crate::source::CALIBRATION_ROUND {
-                        self.out.rounds += 1;
-                    }
-                    write_frame(
-                        self.writer,
-                        Kind::RoundAck,
-                        &protocol::encode_round_end(round),
-                    )?;
-                    self.writer.flush().map_err(ProtocolError::Io)?;
-                }
-                Kind::State if !state_seen => {
-                    info.state_received_at_ns = now_ns();
-                    let t = Instant::now();
-                    dst.restore(&payload)
-                        .map_err(vm_err("restore machine state"))?;
-                    info.restore_ms = t.elapsed().as_secs_f64() * 1e3;
-                    state_seen = true;
-                }
-                Kind::Checksums if state_seen && pc.is_none() => {
-                    let c = checksums.get_or_insert_with(|| vec![None; ram_pages as usize]);
-                    verify::decode_into(&payload, c)?;
-                }
-                Kind::PostcopyBegin if state_seen && pc.is_none() => {
-                    let mut ready = pc_ready
-                        .take()
-                        .ok_or_else(|| malformed("PostcopyBegin", "not a post-copy migration"))?;
-                    let needed = protocol::decode_runs(&payload, ram_pages)?;
-                    let expected = checksums.take();
-                    let t = Instant::now();
-                    ready.arm(dst, &needed, &written, expected.clone())?;
-                    pc = Some(ready);
-                    info.postcopy_setup_ms = t.elapsed().as_secs_f64() * 1e3;
-                    checksums = expected.map(|e| {
-                        // Pages still to come are checked as they arrive.
-                        let sh = &pc.as_ref().expect("just set").shared;
-                        e.into_iter()
-                            .enumerate()
-                            .map(|(p, c)| {
-                                if sh.is_needed(p as u64) {
-                                    Some(u32::MAX)
-                                } else {
-                                    c
-                                }
-                            })
-                            .collect()
-                    });
-                }
-                Kind::Complete if state_seen => {
-                    return match pc.take() {
-                        None => {
-                            // A pre-copy chosen after post-copy was announced:
-                            // unregister before the guest runs.
-                            drop(pc_ready.take());
-                            self.complete_precopy(dst, ram_size, checksums.take(), info)
-                        }
-                        Some(pc) => {
-                            self.complete_postcopy(dst, ram_size, checksums.take(), info, pc)
-                        }
-                    };
-                }
-                Kind::Abort => {
-                    return Err(ProtocolError::PeerAborted(
-                        String::from_utf8_lossy(&payload).into_owned(),
-                    )
-                    .into())
-                }
-                k => {
-                    return Err(ProtocolError::Unexpected {
-                        got: k.name(),
-                        expected: if state_seen {
-                            "Checksums, PostcopyBegin or Complete"
-                        } else {
-                            "Pages, RoundEnd or State"
-                        },
-                    }
-                    .into())
-                }
+            (_, _) => {
+                // A pre-copy chosen after post-copy was announced:
+                // unregister before the guest runs.
+                drop(prepared.postcopy_ready);
+                self.complete_precopy(dst, ram_size, rx.checksums, prepared.info)
             }
         }
     }
@@ -293,7 +328,7 @@ impl Session<'_> {
     ) -> Result<Received, MigrationError> {
         let verify = checksums.is_some();
         if let Some(expected) = checksums {
-            verify_pages(dst, ram_size, &expected, &mut info)?;
+            verify_pages(dst, ram_size, &expected, &mut info, |_| false)?;
         }
         resume(dst, &mut info, verify)?;
         self.send_resumed(&info)?;
@@ -313,15 +348,18 @@ impl Session<'_> {
     ) -> Result<Received, MigrationError> {
         let verify = checksums.is_some();
         if let Some(expected) = &checksums {
-            // The pages already here; `u32::MAX` marks those still to come.
-            verify_pages(dst, ram_size, expected, &mut info)?;
+            // The pages already here; those still to come are checked as
+            // they arrive.
+            let shared = pc.shared.clone();
+            verify_pages(dst, ram_size, expected, &mut info, |p| shared.is_needed(p))?;
         }
         resume(dst, &mut info, false)?;
         let resumed_at = Instant::now();
         self.send_resumed(&info)?;
         let ram_pages = ram_size / PAGE as u64;
         let mut payload = Vec::new();
-        loop {
+        let mut phase = DestinationPhase::Postcopy;
+        while phase == DestinationPhase::Postcopy {
             let kind = match protocol::read_frame_into(self.reader, &mut payload) {
                 Ok(k) => k,
                 Err(e) => {
@@ -329,17 +367,11 @@ impl Session<'_> {
                     return Err(self.source_lost(dst, pc));
                 }
             };
-            match kind {
-                Kind::Pages => pc.pushed(&payload, ram_pages)?,
-                Kind::PostcopyDone => break,
-                Kind::Abort => return Err(self.source_lost(dst, pc)),
-                k => {
-                    return Err(ProtocolError::Unexpected {
-                        got: k.name(),
-                        expected: "Pages or PostcopyDone",
-                    }
-                    .into())
-                }
+            phase = phase.on_frame(kind)?;
+            match phase {
+                DestinationPhase::Failed => return Err(self.source_lost(dst, pc)),
+                _ if kind == Kind::Pages => pc.pushed(&payload, ram_pages)?,
+                _ => {} // PostcopyDone: every page was pushed
             }
         }
         let stats = match pc.finish(resumed_at, dst.longest_stall_ms()) {
@@ -439,13 +471,14 @@ impl PageRun {
     }
 }
 
-/// Compares every page's CRC with the source's; `Some(u32::MAX)` entries
-/// are pages still to come in post-copy (checked on arrival instead).
+/// Compares every page's CRC with the source's, except the pages
+/// `still_to_come` in post-copy (checked on arrival instead).
 fn verify_pages<D: DestinationVm>(
     dst: &mut D,
     ram_size: u64,
     expected: &[Option<u32>],
     info: &mut ResumedInfo,
+    still_to_come: impl Fn(u64) -> bool,
 ) -> Result<(), MigrationError> {
     let t = Instant::now();
     let populated = dst
@@ -456,8 +489,10 @@ fn verify_pages<D: DestinationVm>(
     let mut mismatched = 0u64;
     let mut checked = 0u64;
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        if still_to_come(i as u64) {
+            continue;
+        }
         match e {
-            Some(u32::MAX) => continue,
             Some(e) if e == g => {}
             _ => {
                 if mismatched < 8 {

@@ -98,9 +98,37 @@ pub struct Report {
     pub limits: Limits,
     /// Post-copy and hybrid: demand faults, their latency, pushed vs pulled,
     /// when the last page arrived, the guest's longest stall.
-    pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    pub postcopy: Option<PostcopyStats>,
     /// Model prediction beside the measurement (auto and experiments).
     pub prediction: Option<serde_json::Value>,
+}
+
+/// What the destination measured during post-copy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    pub demand_faults: u64,
+    pub fault_latency_p50_us: f64,
+    pub fault_latency_p99_us: f64,
+    pub fault_latency_max_us: f64,
+    pub pages_pushed: u64,
+    pub pages_pulled: u64,
+    pub bytes_pushed: u64,
+    pub bytes_pulled: u64,
+    /// From resume until the last needed page was present.
+    pub last_page_after_resume_ms: f64,
+    /// Longest heartbeat gap after resume (the guest's worst stall).
+    pub longest_stall_ms: f64,
+}
+
+/// What the destination reports at the end of post-copy
+/// (`PostcopyComplete`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyReport {
+    pub postcopy: PostcopyStats,
+    /// Pages checked against the source's CRC as they arrived.
+    pub pages_verified: u64,
+    pub mismatched_pages: u64,
+    pub guest: GuestView,
 }
 
 /// What the destination tells the source in `Resumed`.

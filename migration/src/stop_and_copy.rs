@@ -12,20 +12,23 @@
 
 use std::time::Instant;
 
+use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
 use crate::endpoint::SourceVm;
-use crate::postcopy::{push, PostcopyStats, SourceShared};
-use crate::precopy::{runs, send_round, PrecopyOutcome};
+use crate::error::{vm_err, MigrationError};
+use crate::policy::PushOrder;
+use crate::postcopy::{push, SourceShared};
+use crate::precopy::{send_round, PrecopyOutcome};
 use crate::protocol::{read_frame, Kind, ProtocolError};
-use crate::report::{now_ns, DowntimeBreakdown, Report, ResumedInfo};
-use crate::source::{set_progress, vm_err, MigrationError, Options, PageSender};
+use crate::report::{now_ns, DowntimeBreakdown, PostcopyReport, Report, ResumedInfo};
+use crate::sender::{set_progress, PageSender};
 use crate::verify;
 
 /// Pauses the source and moves the rest; returns the report (total time
 /// and limits are filled in by the caller).
 pub fn switch_over<V: SourceVm>(
     s: &mut PageSender<'_, V>,
-    opts: &Options,
+    verify: bool,
     pre: PrecopyOutcome,
     paused: &mut bool,
 ) -> Result<Report, MigrationError> {
@@ -35,20 +38,15 @@ pub fn switch_over<V: SourceVm>(
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
     let mut dirty = pre.dirty;
-    let more =
-        s.vm.take_dirty_bitmap()
-            .map_err(vm_err("read the dirty log"))?;
-    for (d, m) in dirty.iter_mut().zip(&more) {
-        *d |= m;
-    }
-    let last_runs: Vec<_> = runs(&dirty).collect();
+    dirty.union_with(&take_dirty(s.vm)?);
+    let last_runs: Vec<_> = dirty.runs().collect();
     let mut rounds = pre.rounds;
     let last = send_round(s, rounds.len() as u32, &last_runs, true, None)?;
     let last_round_ms = last.duration_ms;
     rounds.push(last);
 
     let (state_save_ms, state_sent_at) = send_state(s)?;
-    let verify_src_ms = if opts.verify { send_checksums(s)? } else { 0.0 };
+    let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
     s.send(Kind::Complete, &[])?;
     s.flush()?;
     set_progress(&s.progress, |p| {
@@ -71,7 +69,7 @@ pub fn switch_over<V: SourceVm>(
         },
         guest_downtime_ms: info.guest.guest_downtime_ms,
         rounds,
-        stop_rule: pre.stop_rule.into(),
+        stop_rule: pre.stop_rule.name().into(),
         bytes_raw: s.enc.stats.bytes_raw,
         bytes_wire: s.out.bytes,
         prefault_ms: info.prefault_ms,
@@ -92,47 +90,23 @@ pub fn switch_over<V: SourceVm>(
 /// then push the needed pages while the destination pulls what it faults on.
 pub fn switch_over_postcopy<V: SourceVm>(
     s: &mut PageSender<'_, V>,
-    opts: &Options,
+    verify: bool,
     pre: Option<PrecopyOutcome>,
     paused: &mut bool,
     shared: &SourceShared,
+    order: PushOrder,
 ) -> Result<Report, MigrationError> {
     let paused_at_ns = now_ns();
     let t = Instant::now();
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
-    let words = (s.vm.ram_size() / PAGE as u64).div_ceil(64) as usize;
-    // Pages the destination holds in their final version.
-    let mut clean = vec![0u64; words];
-    if let Some(p) = &pre {
-        let more =
-            s.vm.take_dirty_bitmap()
-                .map_err(vm_err("read the dirty log"))?;
-        if let Some(share) = &p.share {
-            for i in 0..words {
-                clean[i] = share[i] & !(p.dirty[i] | more[i]);
-            }
-        }
-    }
-    let mut needed = vec![0u64; words];
-    for (off, len) in
-        s.vm.populated_ranges()
-            .map_err(vm_err("find populated memory"))?
-    {
-        let first = off / PAGE as u64;
-        for p in first..first + len.div_ceil(PAGE as u64) {
-            needed[(p / 64) as usize] |= 1 << (p % 64);
-        }
-    }
-    for (n, c) in needed.iter_mut().zip(&clean) {
-        *n &= !c;
-    }
+    let needed = still_needed(s.vm, pre.as_ref())?;
     let (state_save_ms, state_sent_at) = send_state(s)?;
-    if opts.verify {
+    if verify {
         send_checksums(s)?;
     }
-    let needed_runs: Vec<_> = runs(&needed).collect();
+    let needed_runs: Vec<_> = needed.runs().collect();
     s.send(
         Kind::PostcopyBegin,
         &crate::protocol::encode_runs(&needed_runs),
@@ -145,7 +119,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
     let info = read_resumed(s.stream())?;
 
     let push_started = Instant::now();
-    let pushed = push(s, &needed, shared)?;
+    let pushed = push(s, &needed, shared, order)?;
     s.send(Kind::PostcopyDone, &[])?;
     s.flush()?;
     set_progress(&s.progress, |p| {
@@ -163,7 +137,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
         push_started.elapsed().as_secs_f64() * 1e3
     );
     let (mode, rounds, stop_rule) = match pre {
-        Some(p) => ("hybrid", p.rounds, p.stop_rule),
+        Some(p) => ("hybrid", p.rounds, p.stop_rule.name()),
         None => ("post", Vec::new(), "none"),
     };
     Ok(Report {
@@ -191,6 +165,31 @@ pub fn switch_over_postcopy<V: SourceVm>(
         postcopy: Some(stats.postcopy),
         ..Default::default()
     })
+}
+
+/// Pages written since the dirty log was last read.
+fn take_dirty<V: SourceVm>(vm: &V) -> Result<DirtyBitmap, MigrationError> {
+    vm.take_dirty_bitmap()
+        .map(DirtyBitmap::from_words)
+        .map_err(vm_err("read the dirty log"))
+}
+
+/// The pages post-copy must bring: every populated page, except those
+/// pre-copy sent (if it ran) and the guest has not dirtied since.
+fn still_needed<V: SourceVm>(
+    vm: &V,
+    pre: Option<&PrecopyOutcome>,
+) -> Result<DirtyBitmap, MigrationError> {
+    let ram_pages = vm.ram_size() / PAGE as u64;
+    let populated = crate::precopy::populated_pages(vm)?;
+    let mut needed = DirtyBitmap::from_runs(ram_pages, &populated);
+    if let Some(p) = pre {
+        let mut clean = p.covered.clone();
+        clean.subtract(&p.dirty);
+        clean.subtract(&take_dirty(vm)?);
+        needed.subtract(&clean);
+    }
+    Ok(needed)
 }
 
 /// Reads the machine state (vCPUs paused) and sends it at once; returns
@@ -226,32 +225,13 @@ fn send_checksums<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<f64, Migrati
     Ok(ms)
 }
 
-/// What the destination reports at the end of post-copy.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct PostcopyReport {
-    pub postcopy: PostcopyStats,
-    /// Pages checked against the source's CRC as they arrived.
-    pub pages_verified: u64,
-    pub mismatched_pages: u64,
-    pub guest: crate::endpoint::GuestView,
-}
-
 /// Waits for `Resumed`; an `Abort` carries the destination's reason.
 fn read_resumed(stream: &std::net::TcpStream) -> Result<ResumedInfo, MigrationError> {
     let mut r = stream;
     let frame = read_frame(&mut r)?;
     let payload = match frame.expect(Kind::Resumed) {
         Ok(p) => p,
-        Err(ProtocolError::PeerAborted(reason)) if reason.starts_with("verification") => {
-            let n = reason
-                .split_whitespace()
-                .find_map(|w| w.parse().ok())
-                .unwrap_or(0);
-            return Err(MigrationError::Mismatch(n));
-        }
-        Err(ProtocolError::PeerAborted(reason)) if reason.starts_with("guest verification") => {
-            return Err(MigrationError::GuestVerification(reason));
-        }
+        Err(ProtocolError::PeerAborted(abort)) => return Err(MigrationError::from_abort(abort)),
         Err(e) => return Err(e.into()),
     };
     serde_json::from_slice(&payload)

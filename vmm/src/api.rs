@@ -260,24 +260,6 @@ impl Controller {
         let progress = slot.progress.clone();
         drop(slot);
         let machine = self.machine();
-        let mut opts = opts;
-        let auto = req.mode.as_deref() == Some("auto");
-        let split = matches!(
-            opts.mode,
-            migration::source::Mode::Hybrid {
-                precopy_bytes: u64::MAX
-            }
-        );
-        if auto || split || req.predict {
-            opts.planner = Some(Arc::new(SeedPolicy {
-                machine: machine.clone(),
-                auto,
-                keep: (!auto && !split).then_some(opts.mode),
-                max_downtime: opts.max_downtime,
-                deadline_s: req.deadline_ms.map(|d| d / 1e3),
-                threshold: opts.threshold,
-            }));
-        }
         let me = self.self_ref();
         std::thread::Builder::new()
             .name("migrate".into())
@@ -444,102 +426,10 @@ pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
     }))
 }
 
-/// Seed 001's policy, run by the engine once it has measured the link
-/// rate μ: measure r and w on the running guest, then
-/// - `hybrid` without an explicit V1: pre-copy V·w/(r+w) of the populated
-///   memory V;
-/// - `auto`: predict Tm and Td of pre, post and hybrid with the model and
-///   pick the fastest mode whose Td meets `max_downtime` (and Tm the
-///   deadline); if none does, the one with the smallest Td.
-///
-/// φ = 1 (the push has a connection of its own beside the demand
-/// requests); ws = 0.1 MB of state.
-#[derive(Debug)]
-struct SeedPolicy {
-    machine: Arc<Machine>,
-    auto: bool,
-    /// Only predict: keep this mode.
-    keep: Option<migration::source::Mode>,
-    max_downtime: Duration,
-    deadline_s: Option<f64>,
-    threshold: u64,
-}
-
-impl migration::source::Planner for SeedPolicy {
-    fn plan(&self, link_bytes_s: f64) -> Result<(migration::source::Mode, Value), String> {
-        use migration::model::{predict, Mode as M, Params};
-        use migration::source::Mode;
-        let m = &self.machine;
-        let rates = migration::access_rate::measure(&**m, Duration::from_millis(1000), 4096)
-            .map_err(|e| e.to_string())?;
-        let v_bytes: u64 = m
-            .vm()
-            .ram()
-            .populated_ranges()
-            .map_err(|e| error_chain(&e))?
-            .iter()
-            .map(|r| r.1)
-            .sum();
-        let p = Params {
-            v: v_bytes as f64 / 1e6,
-            r: rates.read_mb_s(),
-            w: rates.write_mb_s(),
-            mu: link_bytes_s / 1e6,
-            l: self.threshold as f64 / 1e6,
-            phi: 1.0,
-            ws: 0.1,
-        };
-        let v1 = (p.v1() * 1e6) as u64;
-        let preds: Vec<_> = [M::Pre, M::Post, M::Hybrid]
-            .into_iter()
-            .map(|mode| predict(mode, &p).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
-        let (mode, why) = if let Some(keep) = self.keep {
-            (
-                keep,
-                format!("{keep:?} as requested; the model's prediction is for comparison"),
-            )
-        } else if self.auto {
-            let max_td = self.max_downtime.as_secs_f64();
-            let fits = |x: &&migration::model::Prediction| {
-                x.tm_s
-                    .is_some_and(|t| self.deadline_s.is_none_or(|d| t <= d))
-                    && x.td_s <= max_td
-            };
-            let by_tm = |a: &&migration::model::Prediction, b: &&migration::model::Prediction| {
-                a.tm_s
-                    .unwrap_or(f64::MAX)
-                    .total_cmp(&b.tm_s.unwrap_or(f64::MAX))
-            };
-            let (chosen, why) = match preds.iter().filter(fits).min_by(by_tm) {
-                Some(b) => (b, format!("{:?} has the shortest predicted Tm ({:.3} s) among modes whose Td meets the limits", b.mode, b.tm_s.unwrap_or(0.0))),
-                None => {
-                    let b = preds.iter().min_by(|a, b| a.td_s.total_cmp(&b.td_s)).expect("three predictions");
-                    (b, format!("no mode meets the limits; {:?} has the smallest predicted Td ({:.3} s)", b.mode, b.td_s))
-                }
-            };
-            let mode = match chosen.mode {
-                M::Pre => Mode::Pre,
-                M::Post => Mode::Post,
-                M::Hybrid => Mode::Hybrid { precopy_bytes: v1 },
-            };
-            (mode, why)
-        } else {
-            (
-                Mode::Hybrid { precopy_bytes: v1 },
-                format!("V1 = V·w/(r+w) = {:.1} MB of {:.1} MB", p.v1(), p.v),
-            )
-        };
-        Ok((
-            mode,
-            json!({ "measured": rates, "params": p, "v1_bytes": v1, "predictions": preds, "why": why }),
-        ))
-    }
-}
-
 fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {
     let mut o = migration::Options {
         verify: req.verify,
+        predict: req.predict,
         auto_converge: req.auto_converge,
         skip_redirtied: req.skip_redirtied,
         ..Default::default()
@@ -569,13 +459,15 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         o.threshold = t;
     }
     o.mode = match req.mode.as_deref().unwrap_or("pre") {
-        "pre" => migration::source::Mode::Pre,
-        "post" => migration::source::Mode::Post,
-        // Without V1, `plan` measures r and w and splits V·w/(r+w).
-        "hybrid" => migration::source::Mode::Hybrid {
-            precopy_bytes: req.precopy_bytes.unwrap_or(u64::MAX),
+        "pre" => migration::Mode::Pre,
+        "post" => migration::Mode::Post,
+        "hybrid" => migration::Mode::Hybrid(match req.precopy_bytes {
+            Some(bytes) => migration::Split::Bytes(bytes),
+            None => migration::Split::FromMeasuredRates,
+        }),
+        "auto" => migration::Mode::Auto {
+            deadline: req.deadline_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
         },
-        "auto" => migration::source::Mode::Pre, // decided by `plan`
         m => return Err(format!("unknown mode '{m}' (pre, post, hybrid, auto)")),
     };
     Ok(o)

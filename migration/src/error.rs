@@ -1,0 +1,87 @@
+//! The errors of a migration, shared by both ends and every phase, and how
+//! each one is told to the peer as a typed [`Abort`].
+
+use crate::auth::AuthError;
+use crate::endpoint::BoxError;
+use crate::policy::PolicyError;
+use crate::protocol::{Abort, AbortCode, ProtocolError};
+use crate::state::IllegalTransition;
+use crate::transport::TransportError;
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("VMM operation '{what}' failed")]
+    Vm {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("The migration policy failed")]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    State(#[from] IllegalTransition),
+    #[error("Verification failed: {0} pages differ between source and destination")]
+    Mismatch(u64),
+    #[error("The guest's own verification failed on the destination: {0}")]
+    GuestVerification(String),
+    #[error("Post-copy lost its source: {count} pages never arrived (first: {first:?}); {}", if *.paused { "the guest is paused" } else { "the guest could not be fully paused (vCPUs asleep on missing pages)" })]
+    MissingPages {
+        count: u64,
+        first: Vec<u64>,
+        paused: bool,
+    },
+}
+
+impl MigrationError {
+    /// The `Abort` that tells the peer about this error; `side` is the
+    /// code for a failure of this end without a more specific one.
+    pub fn to_abort(&self, side: AbortCode) -> Abort {
+        match self {
+            Self::Mismatch(n) => Abort::new(AbortCode::PagesDiffer, *n, ""),
+            Self::GuestVerification(d) => Abort::new(AbortCode::GuestVerification, 0, d),
+            other => Abort::new(side, 0, &other.to_string()),
+        }
+    }
+
+    /// The error an `Abort` from the peer stands for: verification results
+    /// keep their meaning, anything else is the peer's failure.
+    pub fn from_abort(abort: Abort) -> Self {
+        match abort.code {
+            AbortCode::PagesDiffer => Self::Mismatch(abort.count),
+            AbortCode::GuestVerification => Self::GuestVerification(abort.to_string()),
+            _ => ProtocolError::PeerAborted(abort).into(),
+        }
+    }
+}
+
+/// Wraps a VMM error with what was being done.
+pub fn vm_err(what: &'static str) -> impl FnOnce(BoxError) -> MigrationError {
+    move |source| MigrationError::Vm { what, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verification_results_survive_the_trip_as_codes() {
+        let sent = MigrationError::Mismatch(7).to_abort(AbortCode::DestinationFailed);
+        let back = Abort::decode(&sent.encode()).unwrap();
+        assert!(matches!(
+            MigrationError::from_abort(back),
+            MigrationError::Mismatch(7)
+        ));
+        let other = MigrationError::from_abort(Abort::new(AbortCode::DestinationFailed, 0, "x"));
+        assert!(
+            other.to_string().contains("destination failed: x"),
+            "{other}"
+        );
+    }
+}

@@ -1,0 +1,408 @@
+//! The engine's default policy: the built-in behaviours, combined as the
+//! user's [`Options`] ask.
+//!
+//! - start: the mode asked for, or what seed 001's model plans
+//!   ([`SeedModel`]) for `auto`, the hybrid split from measured rates, and
+//!   `predict`;
+//! - stop: [`StopRules`], with the downtime rule for pre-copy and the
+//!   threshold l for the hybrid; a hybrid's pre-copy ends in post-copy;
+//! - throttle: [`AutoConverge`] with `auto_converge`, in pre-copy only
+//!   (the hybrid post-copies its dirty rest instead of waiting for it);
+//! - skip: re-dirtied pages with `skip_redirtied`;
+//! - push: follow the destination's faults.
+
+use super::auto_converge::AutoConverge;
+use super::seed::{Choice, SeedModel};
+use super::stop_rules::{Primary, StopRules};
+use super::{
+    AfterRound, History, Plan, PlanView, Policy, PolicyError, PushOrder, RoundPlan, Setup,
+    SetupView, Skip, Start, Throttle,
+};
+use crate::options::{Mode, Options, Split};
+
+/// How the built-in policy decides the start.
+#[derive(Debug, Clone, Copy)]
+enum Planning {
+    /// As asked, no measurement.
+    Fixed(Start),
+    /// By seed 001's model, after measuring μ, r and w.
+    Model(SeedModel),
+}
+
+/// The built-in behaviours, as [`Options`] select them.
+#[derive(Debug)]
+pub struct Builtin {
+    planning: Planning,
+    threshold: u64,
+    auto_converge: Option<AutoConverge>,
+    skip_redirtied: bool,
+}
+
+impl Builtin {
+    /// The policy `opts` describe.
+    pub fn new(opts: &Options) -> Self {
+        Self {
+            planning: planning(opts),
+            threshold: opts.threshold,
+            auto_converge: opts.auto_converge.then(AutoConverge::default),
+            skip_redirtied: opts.skip_redirtied,
+        }
+    }
+}
+
+fn planning(opts: &Options) -> Planning {
+    let model = |choice| {
+        Planning::Model(SeedModel {
+            choice,
+            threshold: opts.threshold,
+        })
+    };
+    let fixed = match opts.mode {
+        Mode::Auto { deadline } => {
+            return model(Choice::Auto {
+                deadline_s: deadline.map(|d| d.as_secs_f64()),
+            })
+        }
+        Mode::Hybrid(Split::FromMeasuredRates) => return model(Choice::Split),
+        Mode::Hybrid(Split::Bytes(precopy_bytes)) => Start::Hybrid { precopy_bytes },
+        Mode::Pre => Start::PreCopy,
+        Mode::Post => Start::PostCopy,
+    };
+    if opts.predict {
+        model(Choice::Keep(fixed))
+    } else {
+        Planning::Fixed(fixed)
+    }
+}
+
+impl Policy for Builtin {
+    fn setup(&mut self, _view: &SetupView) -> Setup {
+        match self.planning {
+            Planning::Fixed(start) => Setup {
+                measure_rates: false,
+                may_postcopy: start != Start::PreCopy,
+            },
+            // The model may choose post-copy.
+            Planning::Model(_) => Setup {
+                measure_rates: true,
+                may_postcopy: true,
+            },
+        }
+    }
+
+    fn plan(&mut self, view: &PlanView) -> Result<Plan, PolicyError> {
+        match self.planning {
+            Planning::Fixed(start) => Ok(Plan {
+                start,
+                prediction: None,
+            }),
+            Planning::Model(model) => model.plan(view),
+        }
+    }
+
+    fn round(&mut self, _history: &History) -> RoundPlan {
+        RoundPlan {
+            skip: if self.skip_redirtied {
+                Skip::Redirtied
+            } else {
+                Skip::Nothing
+            },
+        }
+    }
+
+    fn after_round(&mut self, h: &History) -> AfterRound {
+        let hybrid = matches!(h.start, Start::Hybrid { .. });
+        let primary = if hybrid {
+            Primary::Threshold {
+                bytes: self.threshold,
+            }
+        } else {
+            Primary::Downtime
+        };
+        match (StopRules { primary }.check(h), hybrid) {
+            (Some(rule), true) => AfterRound::PostCopy { rule },
+            (Some(rule), false) => AfterRound::StopAndCopy { rule },
+            (None, true) => AfterRound::Continue {
+                throttle: Throttle::Unchanged,
+            },
+            (None, false) => AfterRound::Continue {
+                throttle: self
+                    .auto_converge
+                    .as_mut()
+                    .map_or(Throttle::Unchanged, |a| a.after_round(h)),
+            },
+        }
+    }
+
+    fn push_order(&mut self, _history: &History) -> PushOrder {
+        PushOrder::FollowFaults
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access_rate::AccessRates;
+    use crate::codec::PAGE;
+    use crate::policy::{Measured, StopRule};
+    use crate::report::{Limits, Round};
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    fn options(mode: Mode) -> Options {
+        Options {
+            mode,
+            ..Default::default()
+        }
+    }
+
+    /// A history after `rounds` rounds of 100 MiB each in 1 s, with
+    /// `pending` pages left and the last round predicting `estimate_ms`.
+    fn history(start: Start, rounds: u32, pending: u64, estimate_ms: f64) -> History {
+        let round = |i| Round {
+            round: i,
+            bytes: 100 * MIB,
+            duration_ms: 1000.0,
+            estimated_downtime_ms: estimate_ms,
+            ..Default::default()
+        };
+        History {
+            elapsed_ms: f64::from(rounds) * 1000.0,
+            limits: Options::default().limits(),
+            measured: None,
+            start,
+            rounds: (0..rounds).map(round).collect(),
+            pending_pages: pending,
+            bytes_sent: u64::from(rounds) * 100 * MIB,
+        }
+    }
+
+    fn stop(rule: StopRule) -> AfterRound {
+        AfterRound::StopAndCopy { rule }
+    }
+
+    const GO_ON: AfterRound = AfterRound::Continue {
+        throttle: Throttle::Unchanged,
+    };
+
+    #[test]
+    fn pre_copy_stops_by_qemus_downtime_rule_then_xens_caps() {
+        let mut p = Builtin::new(&options(Mode::Pre));
+        let pre = Start::PreCopy;
+        assert_eq!(
+            p.after_round(&history(pre, 1, 0, 0.0)),
+            stop(StopRule::Converged)
+        );
+        assert_eq!(
+            p.after_round(&history(pre, 1, 10, 299.0)),
+            stop(StopRule::Downtime)
+        );
+        assert_eq!(p.after_round(&history(pre, 1, 10, 301.0)), GO_ON);
+        assert_eq!(
+            p.after_round(&history(pre, 30, 10, 301.0)),
+            stop(StopRule::MaxRounds)
+        );
+        let mut capped = Builtin::new(&Options {
+            max_bytes: 250 * MIB,
+            ..Default::default()
+        });
+        let mut h = history(pre, 3, 10, 301.0);
+        h.limits = Limits {
+            max_bytes: 250 * MIB,
+            ..h.limits
+        };
+        assert_eq!(capped.after_round(&h), stop(StopRule::MaxBytes));
+    }
+
+    #[test]
+    fn auto_converge_throttles_only_rounds_that_dirty_more_than_half() {
+        let mut p = Builtin::new(&Options {
+            auto_converge: true,
+            ..Default::default()
+        });
+        // 100 MiB sent per round; 60 MiB left dirty: a high round.
+        let high = history(Start::PreCopy, 1, 60 * MIB / PAGE as u64, 1e4);
+        assert_eq!(p.after_round(&high), GO_ON);
+        let throttled = AfterRound::Continue {
+            throttle: Throttle::Percent(20),
+        };
+        assert_eq!(p.after_round(&high), throttled);
+        // A downtime that fits stops, whatever the throttle.
+        let fits = history(Start::PreCopy, 3, 60 * MIB / PAGE as u64, 1.0);
+        assert_eq!(p.after_round(&fits), stop(StopRule::Downtime));
+        // Without auto-converge, the same rounds are never throttled.
+        let mut plain = Builtin::new(&Options::default());
+        assert_eq!(plain.after_round(&high), GO_ON);
+        assert_eq!(plain.after_round(&high), GO_ON);
+    }
+
+    #[test]
+    fn skip_redirtied_is_a_round_plan() {
+        let h = history(Start::PreCopy, 0, 0, 0.0);
+        let mut skip = Builtin::new(&Options {
+            skip_redirtied: true,
+            ..Default::default()
+        });
+        assert_eq!(skip.round(&h).skip, Skip::Redirtied);
+        assert_eq!(
+            Builtin::new(&Options::default()).round(&h).skip,
+            Skip::Nothing
+        );
+    }
+
+    #[test]
+    fn post_copy_and_a_fixed_hybrid_need_no_measurement() {
+        let view = SetupView {
+            ram_bytes: 1 << 30,
+            populated_bytes: 1 << 28,
+            limits: Options::default().limits(),
+        };
+        let mut post = Builtin::new(&options(Mode::Post));
+        let setup = post.setup(&view);
+        assert!(setup.may_postcopy && !setup.measure_rates);
+        let plan = post.plan(&plan_view(None)).unwrap();
+        assert_eq!(plan.start, Start::PostCopy);
+        assert_eq!(
+            post.push_order(&history(Start::PostCopy, 0, 0, 0.0)),
+            PushOrder::FollowFaults
+        );
+        let mut pre = Builtin::new(&options(Mode::Pre));
+        assert_eq!(pre.setup(&view), Setup::default());
+        let mut hybrid = Builtin::new(&options(Mode::Hybrid(Split::Bytes(64 * MIB))));
+        assert!(hybrid.setup(&view).may_postcopy);
+        let start = hybrid.plan(&plan_view(None)).unwrap().start;
+        assert_eq!(
+            start,
+            Start::Hybrid {
+                precopy_bytes: 64 * MIB
+            }
+        );
+    }
+
+    #[test]
+    fn hybrid_pre_copy_ends_in_post_copy_at_the_threshold() {
+        let mut p = Builtin::new(&Options {
+            mode: Mode::Hybrid(Split::Bytes(64 * MIB)),
+            threshold: 8 * MIB,
+            auto_converge: true,
+            ..Default::default()
+        });
+        let start = Start::Hybrid {
+            precopy_bytes: 64 * MIB,
+        };
+        let at = |pending_mib| history(start, 1, pending_mib * MIB / PAGE as u64, 0.0);
+        // The downtime rule does not apply (estimate 0 ms, 9 MiB dirty).
+        assert_eq!(p.after_round(&at(9)), GO_ON);
+        assert_eq!(p.after_round(&at(9)), GO_ON, "never throttled in a hybrid");
+        let threshold = AfterRound::PostCopy {
+            rule: StopRule::Threshold,
+        };
+        assert_eq!(p.after_round(&at(8)), threshold);
+    }
+
+    fn plan_view(measured: Option<Measured>) -> PlanView {
+        PlanView {
+            ram_bytes: 1 << 30,
+            populated_bytes: 100_000_000,
+            limits: Options::default().limits(),
+            measured,
+        }
+    }
+
+    /// μ = 100 MB/s; r and w in MB/s.
+    fn measured(r: f64, w: f64) -> Measured {
+        let pages = |mb_s: f64| mb_s * 1e6 / PAGE as f64;
+        Measured {
+            link_bytes_s: 100e6,
+            access: AccessRates {
+                read_pages_s: pages(r),
+                write_pages_s: pages(w),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_seed_split_pre_copies_v_w_over_r_plus_w() {
+        let mut p = Builtin::new(&options(Mode::Hybrid(Split::FromMeasuredRates)));
+        assert!(p.setup(&plan_view_setup()).measure_rates);
+        assert!(matches!(
+            p.plan(&plan_view(None)),
+            Err(PolicyError::NotMeasured)
+        ));
+        let plan = p.plan(&plan_view(Some(measured(3.0, 1.0)))).unwrap();
+        // V = 100 MB, w/(r+w) = 1/4.
+        assert_eq!(
+            plan.start,
+            Start::Hybrid {
+                precopy_bytes: 25_000_000
+            }
+        );
+        let why = &plan.prediction.unwrap()["why"];
+        assert!(why.as_str().unwrap().contains("V1 = V·w/(r+w)"), "{why}");
+    }
+
+    fn plan_view_setup() -> SetupView {
+        SetupView {
+            ram_bytes: 1 << 30,
+            populated_bytes: 100_000_000,
+            limits: Options::default().limits(),
+        }
+    }
+
+    #[test]
+    fn auto_picks_the_fastest_mode_that_meets_the_limits() {
+        let auto = |deadline| {
+            Builtin::new(&Options {
+                mode: Mode::Auto { deadline },
+                max_downtime: Duration::from_millis(300),
+                ..Default::default()
+            })
+        };
+        let why = |plan: &Plan| plan.prediction.as_ref().unwrap()["why"].to_string();
+        let idle = auto(None)
+            .plan(&plan_view(Some(measured(0.0, 0.0))))
+            .unwrap();
+        assert!(
+            why(&idle).contains("shortest predicted Tm"),
+            "{}",
+            why(&idle)
+        );
+        // 100 MB over 100 MB/s cannot end within 10 ms.
+        let late = Some(Duration::from_millis(10));
+        let late = auto(late)
+            .plan(&plan_view(Some(measured(0.0, 0.0))))
+            .unwrap();
+        assert!(
+            why(&late).contains("no mode meets the limits"),
+            "{}",
+            why(&late)
+        );
+        // A guest writing faster than the link: pre-copy never converges;
+        // post-copy's downtime is only the state.
+        let busy = auto(None)
+            .plan(&plan_view(Some(measured(0.0, 200.0))))
+            .unwrap();
+        assert_eq!(busy.start, Start::PostCopy);
+        assert_eq!(
+            busy.prediction.unwrap()["predictions"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn predict_keeps_the_mode_asked_for() {
+        let mut p = Builtin::new(&Options {
+            predict: true,
+            ..Default::default()
+        });
+        assert!(p.setup(&plan_view_setup()).measure_rates);
+        let plan = p.plan(&plan_view(Some(measured(1.0, 1.0)))).unwrap();
+        assert_eq!(plan.start, Start::PreCopy);
+        assert!(plan.prediction.is_some());
+    }
+}

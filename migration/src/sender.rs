@@ -1,0 +1,140 @@
+//! The page sender: the one path by which the source puts bytes on the
+//! main connection (pages read from guest memory and encoded, control
+//! frames), rate-limited and counted, with the live progress it updates.
+//! Every phase of the source sends through it.
+
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::codec::{BatchEncoder, PAGE};
+use crate::endpoint::SourceVm;
+use crate::error::{vm_err, MigrationError};
+use crate::options::Options;
+use crate::protocol::{self, write_frame, Kind, ProtocolError};
+use crate::rate_limit::TokenBucket;
+
+/// Live progress, for a progress bar.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub phase: String,
+    pub round: u32,
+    pub round_pages_sent: u64,
+    pub round_pages_total: u64,
+    pub bytes_wire: u64,
+    pub ram_pages: u64,
+}
+
+/// Shared progress handle.
+pub type ProgressHandle = Arc<Mutex<Progress>>;
+
+pub(crate) fn set_progress(p: &ProgressHandle, f: impl FnOnce(&mut Progress)) {
+    f(&mut p.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// A writer that counts bytes.
+#[derive(Debug)]
+pub struct Counting<W> {
+    pub inner: W,
+    pub bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Sends pages: reads them from the source VM, encodes, rate-limits, writes.
+pub struct PageSender<'a, V: SourceVm> {
+    pub vm: &'a V,
+    pub out: Counting<BufWriter<TcpStream>>,
+    pub enc: BatchEncoder,
+    limiter: Option<TokenBucket>,
+    pub progress: ProgressHandle,
+}
+
+impl<'a, V: SourceVm> PageSender<'a, V> {
+    pub fn new(vm: &'a V, stream: TcpStream, opts: &Options, progress: ProgressHandle) -> Self {
+        Self {
+            vm,
+            out: Counting {
+                inner: BufWriter::with_capacity(1 << 20, stream),
+                bytes: 0,
+            },
+            enc: BatchEncoder::new(opts.compression),
+            limiter: opts.bandwidth.map(TokenBucket::new),
+            progress,
+        }
+    }
+
+    /// Sends pages `[first, first + n)`, copied from guest memory straight
+    /// into the batch, as many at a time as it has room for.
+    pub fn send_run(&mut self, first: u64, n: u64) -> Result<(), MigrationError> {
+        let vm = self.vm;
+        let mut p = first;
+        while p < first + n {
+            let k = (first + n - p).min(self.enc.room() as u64);
+            self.enc
+                .push_run_from(p, k as usize, |slots| vm.read_ram(p * PAGE as u64, slots))
+                .map_err(vm_err("read RAM"))?;
+            if self.enc.is_full() {
+                self.flush_batch()?;
+            }
+            p += k;
+            set_progress(&self.progress, |pr| {
+                pr.round_pages_sent += k;
+                pr.bytes_wire = self.out.bytes;
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the pending batch as one `Pages` frame.
+    pub fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        if self.enc.is_empty() {
+            return Ok(());
+        }
+        let frame = self.enc.frame();
+        if let Some(l) = &mut self.limiter {
+            l.consume(frame[0].len() + frame[1].len());
+        }
+        // One writev for the whole frame: a full batch is larger than the
+        // BufWriter's buffer, so it goes to the socket without a copy.
+        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::Io)?;
+        self.enc.clear();
+        Ok(())
+    }
+
+    /// Writes a control frame (rate-limited like data).
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+        if let Some(l) = &mut self.limiter {
+            l.consume(payload.len() + protocol::HEADER_LEN);
+        }
+        write_frame(&mut self.out, kind, payload)?;
+        Ok(())
+    }
+
+    /// Pushes everything buffered to the socket.
+    pub fn flush(&mut self) -> Result<(), MigrationError> {
+        self.out.flush().map_err(ProtocolError::Io)?;
+        Ok(())
+    }
+
+    /// The underlying socket (for reading the destination's answers).
+    pub fn stream(&self) -> &TcpStream {
+        self.out.inner.get_ref()
+    }
+}

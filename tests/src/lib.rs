@@ -218,6 +218,11 @@ impl VmmProcess {
         p
     }
 
+    /// The `vmm` process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a request; panics unless it succeeds.
     pub fn call(&self, req: Value) -> Value {
         let resp = vmm::api::call(&self.socket, &req).expect("control socket call");
@@ -598,11 +603,22 @@ pub fn parse_mem(s: &str) -> u64 {
 pub fn assert_guest_lives_on(dst: &Receiver, vcpus: u8, before: &Value) {
     dst.wait_socket(Duration::from_secs(10));
     let s0 = dst.call(json!({"cmd": "state"}));
-    std::thread::sleep(Duration::from_millis(400));
-    let s1 = dst.call(json!({"cmd": "state"}));
+    // A halting vCPU with nothing to do ticks every 100 ms: wait for every
+    // vCPU's timer to fire twice, then for one more FPU check of each.
+    let ticking = |s: &Value| {
+        let (t0, t1) = (per_vcpu(&s0, "ticks"), per_vcpu(s, "ticks"));
+        let (f0, f1) = (per_vcpu(&s0, "fpu_checks"), per_vcpu(s, "fpu_checks"));
+        (0..usize::from(vcpus)).all(|i| t1[i] >= t0[i] + 2 && f1[i] > f0[i])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut s1 = dst.call(json!({"cmd": "state"}));
+    while !ticking(&s1) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        s1 = dst.call(json!({"cmd": "state"}));
+    }
     for i in 0..usize::from(vcpus) {
         assert!(
-            per_vcpu(&s1, "ticks")[i] > per_vcpu(&s0, "ticks")[i] + 10,
+            per_vcpu(&s1, "ticks")[i] >= per_vcpu(&s0, "ticks")[i] + 2,
             "vCPU {i}: timer stopped"
         );
         assert!(

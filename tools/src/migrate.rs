@@ -282,6 +282,9 @@ pub fn print_report(r: &Value) {
             round_extras(round)
         );
     }
+    if let Some(line) = round0_throughput(r) {
+        println!("  {line}");
+    }
     let pc = &r["postcopy"];
     if pc.is_object() {
         let f = |k: &str| pc[k].as_f64().unwrap_or(f64::NAN);
@@ -316,6 +319,20 @@ pub fn print_report(r: &Value) {
         r["bytes_wire"],
         verification(r)
     );
+}
+
+/// Round 0's throughput (what the link and both ends sustain while the
+/// guest runs), if the migration had a round 0.
+fn round0_throughput(r: &Value) -> Option<String> {
+    let round = r["rounds"].as_array()?.first()?;
+    let (bytes, ms) = (round["bytes"].as_f64()?, round["duration_ms"].as_f64()?);
+    (ms > 0.0).then(|| {
+        format!(
+            "round 0 throughput: {:.0} MB/s ({:.1} MB on the wire in {ms:.1} ms)",
+            bytes / ms / 1e3,
+            bytes / 1e6
+        )
+    })
 }
 
 /// Arguments of `vmm demo`.

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{boot, cpuid};
 use crate::config::{ConfigError, MachineConfig};
+use crate::devices::probe::now_ns;
 use crate::devices::serial::{self, ConsoleSink};
 use crate::devices::{lock, Devices, DevicesState, EventFdTrigger, Probe};
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -161,8 +162,12 @@ impl PreparedMachine {
             parts: p, wiring, ..
         } = self;
         p.vm.restore_state(&state.vm)?;
+        let mut timers_fire_at = Vec::with_capacity(state.vcpus.len());
         for (v, s) in p.vcpus.iter().zip(&state.vcpus) {
             let skipped = v.restore_state(s)?;
+            // KVM_SET_LAPIC has just restarted the timer: it counts from
+            // now, paused vCPU or not (see `VcpuState::timer_wake_in_ns`).
+            timers_fire_at.push(s.timer_wake_in_ns().map(|ns| now_ns() + ns));
             if !skipped.is_empty() {
                 tracing::info!(
                     "vCPU {}: KVM refused MSRs {:x?} on restore",
@@ -177,8 +182,7 @@ impl PreparedMachine {
         let probe = Probe::from_state(state.devices.probe.clone());
         let devices = Arc::new(Devices::new(serial, wiring.reset, probe));
         let m = Machine::start(state.config.clone(), p, devices, console, true)?;
-        *lock(&m.wakes_after_restore) =
-            Some(state.vcpus.iter().map(|v| v.timer_wake_in_ns()).collect());
+        *lock(&m.timers_after_restore) = Some(timers_fire_at);
         Ok(m)
     }
 }
@@ -196,8 +200,8 @@ pub struct Machine {
     created: Instant,
     stopped: std::sync::Mutex<Option<StopReason>>,
     /// After a restore, until the first resume: when each halted vCPU's
-    /// timer will wake it (see `VcpuState::timer_wake_in_ns`).
-    wakes_after_restore: std::sync::Mutex<Option<Vec<Option<u64>>>>,
+    /// restored timer fires (ns since the epoch).
+    timers_after_restore: std::sync::Mutex<Option<Vec<Option<u64>>>>,
 }
 
 /// The guest ELF for a `--guest` value.
@@ -314,7 +318,7 @@ impl Machine {
             console,
             created: Instant::now(),
             stopped: std::sync::Mutex::new(None),
-            wakes_after_restore: std::sync::Mutex::new(None),
+            timers_after_restore: std::sync::Mutex::new(None),
         })
     }
 
@@ -388,9 +392,12 @@ impl Machine {
     }
 
     /// Resumes every vCPU. The first resume after a restore also tells the
-    /// probe when each halted vCPU should wake.
+    /// probe when each halted vCPU should wake: when its timer fires, or now
+    /// if it already fired while the vCPU waited to be resumed.
     pub fn resume(&self) {
-        if let Some(wakes) = lock(&self.wakes_after_restore).take() {
+        if let Some(fire_at) = lock(&self.timers_after_restore).take() {
+            let now = now_ns();
+            let wakes: Vec<_> = fire_at.iter().map(|t| t.map(|t| t.max(now))).collect();
             self.devices.probe.expect_wakes(&wakes);
         }
         self.vcpus.resume();
@@ -435,6 +442,15 @@ impl Machine {
             vcpus,
             devices: self.devices.save_state(),
         })
+    }
+
+    /// Each vCPU's KVM run state (`running`, `halted`, ...), only while
+    /// paused: a running vCPU thread holds its vCPU for the whole KVM_RUN.
+    pub fn vcpu_run_states(&self) -> Option<Vec<&'static str>> {
+        if !self.is_paused() {
+            return None;
+        }
+        self.vcpus.with_each(|v| v.run_state()).ok()
     }
 
     /// The guest's per-vCPU counters, from its status page.

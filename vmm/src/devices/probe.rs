@@ -209,12 +209,11 @@ impl Probe {
     }
 
     /// Called as the vCPUs resume after a restore: vCPU `i`, if it was
-    /// halted, should wake `wake_in_ns[i]` from now (what was left of its
-    /// LAPIC timer), and its first heartbeat will say how close it came.
-    pub fn expect_wakes(&self, wake_in_ns: &[Option<u64>]) {
-        let now = now_ns();
-        for (hb, wake) in lock(&self.inner).heartbeats.iter_mut().zip(wake_in_ns) {
-            hb.expected_wake_ns = wake.map(|w| now + w);
+    /// halted, should wake at `wake_at_ns[i]` (ns since the epoch), and its
+    /// first heartbeat will say how close it came.
+    pub fn expect_wakes(&self, wake_at_ns: &[Option<u64>]) {
+        for (hb, wake) in lock(&self.inner).heartbeats.iter_mut().zip(wake_at_ns) {
+            hb.expected_wake_ns = *wake;
             hb.wake_error_ns = None;
         }
     }
@@ -364,7 +363,7 @@ mod tests {
         probe.heartbeat(0, 1, true);
         probe.heartbeat(1, 1, false);
         let restored = Probe::from_state(probe.save_state());
-        restored.expect_wakes(&[Some(3_000_000), None]);
+        restored.expect_wakes(&[Some(now_ns() + 3_000_000), None]);
         std::thread::sleep(Duration::from_millis(3));
         restored.heartbeat(0, 2, false);
         restored.heartbeat(1, 2, false);

@@ -85,17 +85,21 @@ pub struct VcpuState {
 }
 
 impl VcpuState {
-    /// For a vCPU saved while halted: how long after it resumes its LAPIC
-    /// timer will wake it, in ns; `None` if it was running, or no timer
-    /// interrupt is due (timer masked, or in TSC-deadline mode).
+    /// For a vCPU saved while halted: how long after its LAPIC state is
+    /// restored its timer will wake it, in ns; `None` if it was running, or
+    /// no timer interrupt is due (timer masked, or in TSC-deadline mode).
     ///
     /// This is the halted-vCPU rule of a migration: KVM_GET_LAPIC stores the
     /// timer's *current count* (TMCCT, computed by KVM from its hrtimer at
     /// the time of the save) in the register page, and KVM_SET_LAPIC
     /// restarts the timer from that count, not from the initial one; a tick
     /// that fired while the vCPU was paused waits in the IRR and is
-    /// delivered at once. So a halted vCPU wakes as late on the destination
-    /// as it had left to sleep at the save.
+    /// delivered at once. The restarted timer counts from KVM_SET_LAPIC,
+    /// not from the resume, just as the guest's TSC counts from KVM_SET_MSRS:
+    /// time between restore and resume passes for the guest's clocks (the
+    /// vCPU merely did not run), while time between save and restore does
+    /// not. So a halted vCPU wakes `timer_wake_in_ns` after its restore, or
+    /// at the resume if that comes later.
     pub fn timer_wake_in_ns(&self) -> Option<u64> {
         const IRR: usize = 0x200;
         const LVTT: usize = 0x320;
@@ -226,6 +230,20 @@ impl Vcpu {
             }
         }
         self.fd.set_lapic(&lapic).map_err(self.set_err("lapic"))
+    }
+
+    /// What KVM_GET_MP_STATE says the vCPU is doing: `running` (runnable),
+    /// `halted` (executed HLT and waits for an interrupt), or another of
+    /// KVM's states by name. The vCPU must be out of KVM_RUN.
+    pub fn run_state(&self) -> Result<&'static str, VcpuError> {
+        let mp = self.fd.get_mp_state().map_err(self.get_err("mp_state"))?;
+        Ok(match mp.mp_state {
+            KVM_MP_STATE_RUNNABLE => "running",
+            KVM_MP_STATE_HALTED => "halted",
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED => "waiting for INIT/SIPI",
+            kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "INIT received",
+            _ => "other",
+        })
     }
 
     /// Reads the complete state (see the module doc for the order). The

@@ -20,5 +20,6 @@ fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --release -- -D warnings
-# Guests spin their vCPUs; on two cores, two test threads at a time.
+# Two test threads at a time: each test runs guests in two or three vmm
+# processes, and the machine has two cores.
 cargo test --workspace --release -- --test-threads=2

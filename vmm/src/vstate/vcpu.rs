@@ -27,6 +27,12 @@
 //! 4. **vCPU events last**, so that nothing restored after them clears a
 //!    pending exception or interrupt.
 //!
+//! A **halted** vCPU (it executed HLT and waits for an interrupt) needs
+//! nothing more: MP state `HALTED` makes KVM_RUN block it again, and the
+//! LAPIC page carries both the timer's current count and any tick that fired
+//! during the pause (IRR). The timer restarts at KVM_SET_LAPIC, so the vCPU
+//! wakes that long after the restore (see [`VcpuState::timer_wake_in_ns`]).
+//!
 //! FPU state is carried only in the XSAVE area: on this host KVM_GET_FPU
 //! returns MXCSR = 0 and KVM_SET_FPU ignores it, while XSAVE is exact.
 

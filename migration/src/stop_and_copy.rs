@@ -54,19 +54,23 @@ pub fn switch_over<V: SourceVm>(
     });
 
     let info = read_resumed(s.stream())?;
+    let breakdown = DowntimeBreakdown {
+        pause_ms,
+        postcopy_setup_ms: 0.0,
+        last_round_ms,
+        state_save_ms,
+        state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
+        // The source checksums, then the destination: one after the other.
+        verify_ms: verify_src_ms + info.verify_ms,
+        restore_ms: info.restore_ms,
+        resume_ms: info.resume_ms,
+    };
+    let (downtime_ms, downtime_with_verify_ms) =
+        breakdown.split(info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6);
     let mut report = Report {
-        downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
-        downtime_breakdown: DowntimeBreakdown {
-            pause_ms,
-            postcopy_setup_ms: 0.0,
-            last_round_ms,
-            state_save_ms,
-            state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
-            // The source checksums, then the destination: one after the other.
-            verify_ms: verify_src_ms + info.verify_ms,
-            restore_ms: info.restore_ms,
-            resume_ms: info.resume_ms,
-        },
+        downtime_ms,
+        downtime_with_verify_ms,
+        downtime_breakdown: breakdown,
         guest_downtime_ms: info.guest.guest_downtime_ms,
         rounds,
         stop_rule: pre.stop_rule.name().into(),
@@ -103,9 +107,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
     *paused = true;
     let needed = still_needed(s.vm, pre.as_ref())?;
     let (state_save_ms, state_sent_at) = send_state(s)?;
-    if verify {
-        send_checksums(s)?;
-    }
+    let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
     let needed_runs: Vec<_> = needed.runs().collect();
     s.send(
         Kind::PostcopyBegin,
@@ -140,19 +142,23 @@ pub fn switch_over_postcopy<V: SourceVm>(
         Some(p) => ("hybrid", p.rounds, p.stop_rule.name()),
         None => ("post", Vec::new(), "none"),
     };
+    let breakdown = DowntimeBreakdown {
+        pause_ms,
+        postcopy_setup_ms: info.postcopy_setup_ms,
+        last_round_ms: 0.0,
+        state_save_ms,
+        state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
+        verify_ms: verify_src_ms + info.verify_ms,
+        restore_ms: info.restore_ms,
+        resume_ms: info.resume_ms,
+    };
+    let (downtime_ms, downtime_with_verify_ms) =
+        breakdown.split(info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6);
     Ok(Report {
         mode: mode.into(),
-        downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
-        downtime_breakdown: DowntimeBreakdown {
-            pause_ms,
-            postcopy_setup_ms: info.postcopy_setup_ms,
-            last_round_ms: 0.0,
-            state_save_ms,
-            state_transfer_ms: info.state_received_at_ns.saturating_sub(state_sent_at) as f64 / 1e6,
-            verify_ms: info.verify_ms,
-            restore_ms: info.restore_ms,
-            resume_ms: info.resume_ms,
-        },
+        downtime_ms,
+        downtime_with_verify_ms,
+        downtime_breakdown: breakdown,
         guest_downtime_ms: info.guest.guest_downtime_ms,
         rounds,
         stop_rule: stop_rule.into(),

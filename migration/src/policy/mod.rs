@@ -51,7 +51,7 @@ pub enum PolicyError {
     NotMeasured,
     #[error("The policy chose post-copy, but did not ask for it at setup")]
     PostcopyNotPrepared,
-    #[error("The external policy failed")]
+    #[error(transparent)]
     External(#[from] ExecError),
 }
 
@@ -226,6 +226,9 @@ pub enum StopRule {
     MaxRounds,
     /// The bytes-sent cap was reached.
     MaxBytes,
+    /// A rule of the policy's own (an external policy's, say "the dirty
+    /// rate stopped falling"), none of the above.
+    Policy,
 }
 
 impl StopRule {
@@ -237,6 +240,7 @@ impl StopRule {
             StopRule::Threshold => "threshold",
             StopRule::MaxRounds => "max_rounds",
             StopRule::MaxBytes => "max_bytes",
+            StopRule::Policy => "policy",
         }
     }
 }

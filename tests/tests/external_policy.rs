@@ -1,8 +1,8 @@
 //! `vmm migrate --policy exec:PROGRAM`: an external program decides.
 //! The shipped Python example migrates a dirtying guest with every page
-//! verified; a policy that crashes or hangs fails the migration cleanly,
-//! with its problem in the message, the source guest unharmed and the
-//! program gone.
+//! verified; a policy that crashes, hangs or answers nonsense fails the
+//! migration cleanly, with its problem in the message, the source guest
+//! unharmed and the program gone.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -133,4 +133,16 @@ fn hanging_policy_fails_cleanly() {
         return;
     }
     fails_cleanly("exec-hang", "sleep 60", "did not answer within 500ms");
+}
+
+#[test]
+fn nonsense_answering_policy_fails_cleanly() {
+    if !require_kvm() {
+        return;
+    }
+    fails_cleanly(
+        "exec-nonsense",
+        "echo '{\"jump\":{\"to\":\"post-copy\"}}'",
+        "not a valid 'after_round' decision",
+    );
 }

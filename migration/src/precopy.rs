@@ -220,7 +220,7 @@ pub fn run_rounds<V: SourceVm>(
     let mut bandwidth = f64::INFINITY;
     let mut throttle_pct = 0u8;
     for round in 0.. {
-        let mut seen = match policy.round(history).skip {
+        let mut seen = match policy.round(history)?.skip {
             Skip::Redirtied => Some(DirtyBitmap::new(ram_pages)),
             Skip::Nothing => None,
         };
@@ -250,7 +250,7 @@ pub fn run_rounds<V: SourceVm>(
         history.pending_pages = pending.count();
         history.bytes_sent = s.out.bytes;
         history.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-        let decision = policy.after_round(history);
+        let decision = policy.after_round(history)?;
         *phase = phase.next(SourceEvent::RoundEnded(decision))?;
         let (stop_rule, postcopy) = match decision {
             AfterRound::Continue { throttle } => {

@@ -73,7 +73,7 @@ pub fn migrate_with_policy<V: SourceVm>(
         populated_bytes: populated_bytes(vm)?,
         limits: opts.limits(),
     };
-    let setup = policy.setup(&setup_view);
+    let setup = policy.setup(&setup_view)?;
     let fault_conn = send_config(vm, &mut stream, addr, secret, setup)?;
     let mut sender = PageSender::new(vm, stream, opts, progress);
     let plan = plan(&mut sender, policy, setup, setup_view)?;
@@ -322,7 +322,7 @@ impl<V: SourceVm> Run<'_, '_, V> {
         if !self.can_postcopy {
             return Err(PolicyError::PostcopyNotPrepared.into());
         }
-        let order = self.policy.push_order(self.history);
+        let order = self.policy.push_order(self.history)?;
         let report = stop_and_copy::switch_over_postcopy(
             self.sender,
             self.verify,

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tests::{
-    free_port, heartbeat_field, migrate, migrate_in_background, per_vcpu, require_kvm, scratch,
+    assert_source_unharmed, free_port, migrate, migrate_in_background, require_kvm, scratch,
     secret_file, Fault, Proxy, Receiver, VmmProcess,
 };
 
@@ -23,37 +22,6 @@ fn source_running(dir: &std::path::Path, workload: &str) -> VmmProcess {
     );
     src.wait_running(Duration::from_secs(60));
     src
-}
-
-/// The source guest runs on, unpaused, with all its memory and FPU intact.
-fn assert_source_unharmed(src: &VmmProcess) {
-    let s0 = src.state();
-    assert_eq!(s0["paused"], json!(false), "source left paused");
-    assert_eq!(s0["throttle_pct"], json!(0), "source left throttled");
-    std::thread::sleep(Duration::from_millis(300));
-    let s1 = src.state();
-    assert!(
-        heartbeat_field(&s1, "count")[0] > heartbeat_field(&s0, "count")[0] + 50,
-        "source guest stopped"
-    );
-    assert!(
-        per_vcpu(&s1, "ticks")[0] > per_vcpu(&s0, "ticks")[0],
-        "source timer stopped"
-    );
-    assert!(
-        per_vcpu(&s1, "pages_written")[0] > per_vcpu(&s0, "pages_written")[0],
-        "workload stopped"
-    );
-    assert_eq!(heartbeat_field(&s1, "discontinuities")[0], 0);
-    let v = src.call(json!({"cmd": "verify"}));
-    assert_eq!(
-        (v["pages_bad"].as_u64(), v["fpu_errors"].as_u64()),
-        (Some(0), Some(0)),
-        "{v}"
-    );
-    // And it can still migrate afterwards.
-    let st = src.call(json!({"cmd": "migration_status"}));
-    assert_eq!(st["running"], json!(false));
 }
 
 #[test]

@@ -67,9 +67,50 @@ pub struct MigrateArgs {
     /// every 4 MiB sent to find them.
     #[arg(long)]
     skip_redirtied: bool,
+    /// Let an external program decide instead of the built-in policy:
+    /// exec:PROGRAM (e.g. exec:tools/policies/precopy_then_postcopy.py).
+    /// It runs in the source vmm and answers each decision as a JSON line
+    /// (see the README); --mode and the policy flags are then refused.
+    #[arg(long, value_parser = parse_policy)]
+    policy: Option<String>,
+    /// How long the external policy may take to answer (e.g. 2s).
+    #[arg(long, value_parser = parse_duration_ms, requires = "policy")]
+    policy_deadline: Option<f64>,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// `exec:PROGRAM` with PROGRAM made absolute: the source vmm, which runs
+/// it, has a working directory of its own.
+fn parse_policy(s: &str) -> Result<String, String> {
+    let program = s
+        .strip_prefix("exec:")
+        .ok_or_else(|| format!("unknown policy '{s}' (exec:PROGRAM)"))?;
+    let path = std::fs::canonicalize(program).map_err(|e| format!("{program}: {e}"))?;
+    Ok(format!("exec:{}", path.display()))
+}
+
+/// Refuses the flags whose decisions an external policy takes.
+fn check_policy_flags(args: &MigrateArgs) -> Result<(), String> {
+    if args.policy.is_none() {
+        return Ok(());
+    }
+    let taken = [
+        ("--mode", args.mode != "pre"),
+        ("--predict", args.predict),
+        ("--deadline", args.deadline.is_some()),
+        ("--precopy", args.precopy.is_some()),
+        ("--threshold", args.threshold.is_some()),
+        ("--auto-converge", args.auto_converge),
+        ("--skip-redirtied", args.skip_redirtied),
+    ];
+    match taken.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(format!(
+            "{flag} is a decision of the built-in policy; with --policy the program decides"
+        )),
+        None => Ok(()),
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -106,6 +147,7 @@ fn round_extras(round: &Value) -> String {
 
 /// Asks a running vmm to migrate, shows progress, prints the report.
 pub fn migrate(args: MigrateArgs) -> Result<(), String> {
+    check_policy_flags(&args)?;
     let req = json!({
         "cmd": "migrate",
         "to": args.to,
@@ -123,6 +165,8 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "predict": args.predict,
         "auto_converge": args.auto_converge,
         "skip_redirtied": args.skip_redirtied,
+        "policy": args.policy,
+        "policy_deadline_ms": args.policy_deadline.map(|ms| ms.ceil() as u64),
     });
     let sock = &args.api_socket;
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
@@ -353,6 +397,15 @@ pub struct DemoArgs {
     /// The guest's workload.
     #[arg(long, default_value = "wset=256M,rate=20000,read=20000,fill=50")]
     workload: String,
+    /// Let an external program decide instead of the built-in policy:
+    /// exec:PROGRAM (e.g. exec:tools/policies/precopy_then_postcopy.py).
+    /// It runs in the source vmm and answers each decision as a JSON line
+    /// (see the README); --mode and the policy flags are then refused.
+    #[arg(long, value_parser = parse_policy)]
+    policy: Option<String>,
+    /// How long the external policy may take to answer (e.g. 2s).
+    #[arg(long, value_parser = parse_duration_ms, requires = "policy")]
+    policy_deadline: Option<f64>,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
@@ -420,6 +473,8 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             verify: true,
             auto_converge: false,
             skip_redirtied: false,
+            policy: None,
+            policy_deadline: None,
             json: args.json,
         })
     })();

@@ -79,6 +79,15 @@ pub struct MigrateRequest {
     /// Pre-copy: skip pages dirtied again since the round began.
     #[serde(default)]
     pub skip_redirtied: bool,
+    /// `exec:/ABSOLUTE/PATH`: an external program decides instead of the
+    /// built-in policy (see [`migration::policy::exec`]). It runs as a
+    /// child of this process: only the control socket's owner (mode 0600)
+    /// can name one.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// How long the external policy may take per answer (default 2 s).
+    #[serde(default)]
+    pub policy_deadline_ms: Option<u64>,
 }
 
 /// A migration in progress or finished.
@@ -111,7 +120,7 @@ pub enum Request {
         #[serde(default)]
         window_ms: Option<u64>,
     },
-    Migrate(MigrateRequest),
+    Migrate(Box<MigrateRequest>),
     MigrationStatus,
     Quit,
 }
@@ -235,7 +244,7 @@ impl Controller {
                 let window = Duration::from_millis(window_ms.unwrap_or(1000).clamp(50, 60_000));
                 return self.with(|m| measure_rates(m, window));
             }
-            Request::Migrate(req) => return self.start_migration(req),
+            Request::Migrate(req) => return self.start_migration(*req),
             Request::MigrationStatus => return Ok(self.migration_status()),
             Request::Quit => self.request_quit(),
         }
@@ -246,6 +255,7 @@ impl Controller {
         let opts = migration_options(&req)?;
         let secret =
             migration::auth::Secret::from_file(&req.secret_file).map_err(|e| error_chain(&e))?;
+        let program = external_policy(&req)?;
         let mut slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
         if slot.running {
             return Err("a migration is already running".into());
@@ -253,6 +263,12 @@ impl Controller {
         if self.machine().is_paused() {
             return Err("the machine is paused; resume it before migrating".into());
         }
+        // Started only now that no other migration runs; refused at once if
+        // it cannot start.
+        let mut policy = program
+            .map(|(path, deadline)| migration::policy::ExecPolicy::spawn(&path, deadline))
+            .transpose()
+            .map_err(|e| error_chain(&e))?;
         *slot = MigrationSlot {
             running: true,
             ..Default::default()
@@ -264,8 +280,16 @@ impl Controller {
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
-                let r = migration::migrate(&*machine, &req.to, &secret, &opts, progress)
-                    .map_err(|e| error_chain(&e));
+                let r = match policy.as_mut() {
+                    Some(p) => migration::migrate_with_policy(
+                        &*machine, &req.to, &secret, &opts, p, progress,
+                    ),
+                    None => migration::migrate(&*machine, &req.to, &secret, &opts, progress),
+                }
+                .map_err(|e| error_chain(&e));
+                // The external program is killed and reaped before the
+                // result is published.
+                drop(policy);
                 let mut slot = me.migration.lock().unwrap_or_else(|e| e.into_inner());
                 slot.running = false;
                 slot.finished_at = Some(Instant::now());
@@ -472,6 +496,31 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         m => return Err(format!("unknown mode '{m}' (pre, post, hybrid, auto)")),
     };
     Ok(o)
+}
+
+/// The external policy a `migrate` request names, and its deadline.
+fn external_policy(req: &MigrateRequest) -> Result<Option<(PathBuf, Duration)>, String> {
+    let Some(policy) = &req.policy else {
+        return Ok(None);
+    };
+    let Some(program) = policy.strip_prefix("exec:") else {
+        return Err(format!("unknown policy '{policy}' (exec:PROGRAM)"));
+    };
+    let program = PathBuf::from(program);
+    if !program.is_absolute() {
+        return Err(format!(
+            "the policy program must be an absolute path, not '{}'",
+            program.display()
+        ));
+    }
+    let deadline = req.policy_deadline_ms.map_or(
+        migration::policy::exec::DEFAULT_DEADLINE,
+        Duration::from_millis,
+    );
+    if deadline.is_zero() {
+        return Err("policy_deadline_ms must be at least 1".into());
+    }
+    Ok(Some((program, deadline)))
 }
 
 /// Sends one request to a control socket and returns the response.

@@ -76,8 +76,8 @@ fn planning(opts: &Options) -> Planning {
 }
 
 impl Policy for Builtin {
-    fn setup(&mut self, _view: &SetupView) -> Setup {
-        match self.planning {
+    fn setup(&mut self, _view: &SetupView) -> Result<Setup, PolicyError> {
+        Ok(match self.planning {
             Planning::Fixed(start) => Setup {
                 measure_rates: false,
                 may_postcopy: start != Start::PreCopy,
@@ -87,7 +87,7 @@ impl Policy for Builtin {
                 measure_rates: true,
                 may_postcopy: true,
             },
-        }
+        })
     }
 
     fn plan(&mut self, view: &PlanView) -> Result<Plan, PolicyError> {
@@ -100,17 +100,17 @@ impl Policy for Builtin {
         }
     }
 
-    fn round(&mut self, _history: &History) -> RoundPlan {
-        RoundPlan {
+    fn round(&mut self, _history: &History) -> Result<RoundPlan, PolicyError> {
+        Ok(RoundPlan {
             skip: if self.skip_redirtied {
                 Skip::Redirtied
             } else {
                 Skip::Nothing
             },
-        }
+        })
     }
 
-    fn after_round(&mut self, h: &History) -> AfterRound {
+    fn after_round(&mut self, h: &History) -> Result<AfterRound, PolicyError> {
         let hybrid = matches!(h.start, Start::Hybrid { .. });
         let primary = if hybrid {
             Primary::Threshold {
@@ -119,7 +119,7 @@ impl Policy for Builtin {
         } else {
             Primary::Downtime
         };
-        match (StopRules { primary }.check(h), hybrid) {
+        Ok(match (StopRules { primary }.check(h), hybrid) {
             (Some(rule), true) => AfterRound::PostCopy { rule },
             (Some(rule), false) => AfterRound::StopAndCopy { rule },
             (None, true) => AfterRound::Continue {
@@ -131,11 +131,11 @@ impl Policy for Builtin {
                     .as_mut()
                     .map_or(Throttle::Unchanged, |a| a.after_round(h)),
             },
-        }
+        })
     }
 
-    fn push_order(&mut self, _history: &History) -> PushOrder {
-        PushOrder::FollowFaults
+    fn push_order(&mut self, _history: &History) -> Result<PushOrder, PolicyError> {
+        Ok(PushOrder::FollowFaults)
     }
 }
 
@@ -191,16 +191,16 @@ mod tests {
         let mut p = Builtin::new(&options(Mode::Pre));
         let pre = Start::PreCopy;
         assert_eq!(
-            p.after_round(&history(pre, 1, 0, 0.0)),
+            p.after_round(&history(pre, 1, 0, 0.0)).unwrap(),
             stop(StopRule::Converged)
         );
         assert_eq!(
-            p.after_round(&history(pre, 1, 10, 299.0)),
+            p.after_round(&history(pre, 1, 10, 299.0)).unwrap(),
             stop(StopRule::Downtime)
         );
-        assert_eq!(p.after_round(&history(pre, 1, 10, 301.0)), GO_ON);
+        assert_eq!(p.after_round(&history(pre, 1, 10, 301.0)).unwrap(), GO_ON);
         assert_eq!(
-            p.after_round(&history(pre, 30, 10, 301.0)),
+            p.after_round(&history(pre, 30, 10, 301.0)).unwrap(),
             stop(StopRule::MaxRounds)
         );
         let mut capped = Builtin::new(&Options {
@@ -212,7 +212,7 @@ mod tests {
             max_bytes: 250 * MIB,
             ..h.limits
         };
-        assert_eq!(capped.after_round(&h), stop(StopRule::MaxBytes));
+        assert_eq!(capped.after_round(&h).unwrap(), stop(StopRule::MaxBytes));
     }
 
     #[test]
@@ -223,18 +223,18 @@ mod tests {
         });
         // 100 MiB sent per round; 60 MiB left dirty: a high round.
         let high = history(Start::PreCopy, 1, 60 * MIB / PAGE as u64, 1e4);
-        assert_eq!(p.after_round(&high), GO_ON);
+        assert_eq!(p.after_round(&high).unwrap(), GO_ON);
         let throttled = AfterRound::Continue {
             throttle: Throttle::Percent(20),
         };
-        assert_eq!(p.after_round(&high), throttled);
+        assert_eq!(p.after_round(&high).unwrap(), throttled);
         // A downtime that fits stops, whatever the throttle.
         let fits = history(Start::PreCopy, 3, 60 * MIB / PAGE as u64, 1.0);
-        assert_eq!(p.after_round(&fits), stop(StopRule::Downtime));
+        assert_eq!(p.after_round(&fits).unwrap(), stop(StopRule::Downtime));
         // Without auto-converge, the same rounds are never throttled.
         let mut plain = Builtin::new(&Options::default());
-        assert_eq!(plain.after_round(&high), GO_ON);
-        assert_eq!(plain.after_round(&high), GO_ON);
+        assert_eq!(plain.after_round(&high).unwrap(), GO_ON);
+        assert_eq!(plain.after_round(&high).unwrap(), GO_ON);
     }
 
     #[test]
@@ -244,9 +244,9 @@ mod tests {
             skip_redirtied: true,
             ..Default::default()
         });
-        assert_eq!(skip.round(&h).skip, Skip::Redirtied);
+        assert_eq!(skip.round(&h).unwrap().skip, Skip::Redirtied);
         assert_eq!(
-            Builtin::new(&Options::default()).round(&h).skip,
+            Builtin::new(&Options::default()).round(&h).unwrap().skip,
             Skip::Nothing
         );
     }
@@ -259,18 +259,19 @@ mod tests {
             limits: Options::default().limits(),
         };
         let mut post = Builtin::new(&options(Mode::Post));
-        let setup = post.setup(&view);
+        let setup = post.setup(&view).unwrap();
         assert!(setup.may_postcopy && !setup.measure_rates);
         let plan = post.plan(&plan_view(None)).unwrap();
         assert_eq!(plan.start, Start::PostCopy);
         assert_eq!(
-            post.push_order(&history(Start::PostCopy, 0, 0, 0.0)),
+            post.push_order(&history(Start::PostCopy, 0, 0, 0.0))
+                .unwrap(),
             PushOrder::FollowFaults
         );
         let mut pre = Builtin::new(&options(Mode::Pre));
-        assert_eq!(pre.setup(&view), Setup::default());
+        assert_eq!(pre.setup(&view).unwrap(), Setup::default());
         let mut hybrid = Builtin::new(&options(Mode::Hybrid(Split::Bytes(64 * MIB))));
-        assert!(hybrid.setup(&view).may_postcopy);
+        assert!(hybrid.setup(&view).unwrap().may_postcopy);
         let start = hybrid.plan(&plan_view(None)).unwrap().start;
         assert_eq!(
             start,
@@ -293,12 +294,16 @@ mod tests {
         };
         let at = |pending_mib| history(start, 1, pending_mib * MIB / PAGE as u64, 0.0);
         // The downtime rule does not apply (estimate 0 ms, 9 MiB dirty).
-        assert_eq!(p.after_round(&at(9)), GO_ON);
-        assert_eq!(p.after_round(&at(9)), GO_ON, "never throttled in a hybrid");
+        assert_eq!(p.after_round(&at(9)).unwrap(), GO_ON);
+        assert_eq!(
+            p.after_round(&at(9)).unwrap(),
+            GO_ON,
+            "never throttled in a hybrid"
+        );
         let threshold = AfterRound::PostCopy {
             rule: StopRule::Threshold,
         };
-        assert_eq!(p.after_round(&at(8)), threshold);
+        assert_eq!(p.after_round(&at(8)).unwrap(), threshold);
     }
 
     fn plan_view(measured: Option<Measured>) -> PlanView {
@@ -326,7 +331,7 @@ mod tests {
     #[test]
     fn the_seed_split_pre_copies_v_w_over_r_plus_w() {
         let mut p = Builtin::new(&options(Mode::Hybrid(Split::FromMeasuredRates)));
-        assert!(p.setup(&plan_view_setup()).measure_rates);
+        assert!(p.setup(&plan_view_setup()).unwrap().measure_rates);
         assert!(matches!(
             p.plan(&plan_view(None)),
             Err(PolicyError::NotMeasured)
@@ -400,7 +405,7 @@ mod tests {
             predict: true,
             ..Default::default()
         });
-        assert!(p.setup(&plan_view_setup()).measure_rates);
+        assert!(p.setup(&plan_view_setup()).unwrap().measure_rates);
         let plan = p.plan(&plan_view(Some(measured(1.0, 1.0)))).unwrap();
         assert_eq!(plan.start, Start::PreCopy);
         assert!(plan.prediction.is_some());

@@ -14,8 +14,9 @@
 //! ```
 //!
 //! Decisions are plain enums and structs that derive serde's traits, so
-//! that a policy outside the process can one day speak them as JSON lines;
-//! the trait is object-safe for the same reason (`Box<dyn Policy>`).
+//! that a policy outside the process speaks them as JSON lines
+//! ([`exec`]: `vmm migrate --policy exec:PROGRAM`); the trait is
+//! object-safe for the same reason (`Box<dyn Policy>`).
 //!
 //! Every behaviour the engine had built in is a policy here, combined by
 //! [`Builtin`] from the user's [`Options`](crate::Options):
@@ -29,6 +30,7 @@
 
 pub mod auto_converge;
 pub mod builtin;
+pub mod exec;
 pub mod seed;
 pub mod stop_rules;
 
@@ -38,6 +40,7 @@ use crate::access_rate::AccessRates;
 use crate::report::{Limits, Round};
 
 pub use builtin::Builtin;
+pub use exec::{ExecError, ExecPolicy};
 
 /// A policy's failure (the migration fails cleanly: the source runs on).
 #[derive(Debug, thiserror::Error)]
@@ -48,22 +51,28 @@ pub enum PolicyError {
     NotMeasured,
     #[error("The policy chose post-copy, but did not ask for it at setup")]
     PostcopyNotPrepared,
+    #[error(transparent)]
+    External(#[from] ExecError),
 }
 
 /// Decides how a migration proceeds. See the module documentation for when
 /// each method is called.
+///
+/// Every method may fail (a built-in only when its model cannot plan; an
+/// [`ExecPolicy`] whenever its program crashes, hangs or answers nonsense):
+/// the migration then fails cleanly and the source runs on.
 pub trait Policy: Send + std::fmt::Debug {
     /// Before `Config` is sent: what to measure, and whether post-copy may
     /// follow (then the fault connection is opened).
-    fn setup(&mut self, view: &SetupView) -> Setup;
+    fn setup(&mut self, view: &SetupView) -> Result<Setup, PolicyError>;
     /// After the measurements `setup` asked for: how the migration starts.
     fn plan(&mut self, view: &PlanView) -> Result<Plan, PolicyError>;
     /// Before each pre-copy round.
-    fn round(&mut self, history: &History) -> RoundPlan;
+    fn round(&mut self, history: &History) -> Result<RoundPlan, PolicyError>;
     /// After each pre-copy round: go on, stop and copy, or post-copy.
-    fn after_round(&mut self, history: &History) -> AfterRound;
+    fn after_round(&mut self, history: &History) -> Result<AfterRound, PolicyError>;
     /// At the switch-over to post-copy: the order of the background push.
-    fn push_order(&mut self, history: &History) -> PushOrder;
+    fn push_order(&mut self, history: &History) -> Result<PushOrder, PolicyError>;
 }
 
 /// What the engine knows before anything is sent.
@@ -217,6 +226,9 @@ pub enum StopRule {
     MaxRounds,
     /// The bytes-sent cap was reached.
     MaxBytes,
+    /// A rule of the policy's own (an external policy's, say "the dirty
+    /// rate stopped falling"), none of the above.
+    Policy,
 }
 
 impl StopRule {
@@ -228,6 +240,7 @@ impl StopRule {
             StopRule::Threshold => "threshold",
             StopRule::MaxRounds => "max_rounds",
             StopRule::MaxBytes => "max_bytes",
+            StopRule::Policy => "policy",
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{self, Secret};
 use crate::codec::PAGE;
+use crate::control::{Control, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
 use crate::options::Options;
@@ -59,6 +60,23 @@ pub fn migrate_with_policy<V: SourceVm>(
     policy: &mut dyn Policy,
     progress: ProgressHandle,
 ) -> Result<Report, MigrationError> {
+    let control = std::sync::Arc::new(Control::default());
+    migrate_controlled(vm, addr, secret, opts, policy, progress, control)
+}
+
+/// Like [`migrate_with_policy`], steered through `control`: a cancel
+/// before the switch-over ends it with [`MigrationError::Cancelled`] (the
+/// destination is told with a typed `Abort`), and new limits apply from
+/// the next round.
+pub fn migrate_controlled<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    secret: &Secret,
+    opts: &Options,
+    policy: &mut dyn Policy,
+    progress: ProgressHandle,
+    control: ControlHandle,
+) -> Result<Report, MigrationError> {
     let started = Instant::now();
     set_progress(&progress, |p| {
         p.phase = "connecting".into();
@@ -75,7 +93,7 @@ pub fn migrate_with_policy<V: SourceVm>(
     };
     let setup = policy.setup(&setup_view);
     let fault_conn = send_config(vm, &mut stream, addr, secret, setup)?;
-    let mut sender = PageSender::new(vm, stream, opts, progress);
+    let mut sender = PageSender::new(vm, stream, opts, progress, control);
     let plan = plan(&mut sender, policy, setup, setup_view)?;
     phase = phase.next(SourceEvent::Planned(plan.plan.start))?;
     let mut history = History {
@@ -108,6 +126,11 @@ pub fn migrate_with_policy<V: SourceVm>(
             started,
         };
         let r = run.phases();
+        if let Err(e @ MigrationError::Cancelled(_)) = &r {
+            // Cancelled: the destination still listens; tell it why.
+            let _ = sender.send(Kind::Abort, &e.to_abort(AbortCode::SourceFailed).encode());
+            let _ = sender.flush();
+        }
         // Closing our side ends the destination's reply thread and our server.
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
         r
@@ -119,8 +142,16 @@ pub fn migrate_with_policy<V: SourceVm>(
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
             report.prediction = plan.plan.prediction;
-            report.limits = opts.limits();
+            // The limits in force at the end (set-parameters may change them).
+            report.limits = history.limits.clone();
             Ok(report)
+        }
+        Err(e) if e.is_cancelled() => {
+            // The Abort went before the connection closed.
+            if paused {
+                vm.resume();
+            }
+            Err(e)
         }
         Err(e) => {
             // A destination that gives up says why in an Abort frame before
@@ -289,13 +320,20 @@ impl<V: SourceVm> Run<'_, '_, V> {
     /// the policy chose.
     fn phases(&mut self) -> Result<Report, MigrationError> {
         let result = self.run_phases();
-        if result.is_err() {
-            *self.phase = self.phase.next(SourceEvent::Fail)?;
+        match &result {
+            Err(e) if e.is_cancelled() => *self.phase = self.phase.next(SourceEvent::Cancel)?,
+            Err(_) => *self.phase = self.phase.next(SourceEvent::Fail)?,
+            Ok(_) => {}
         }
+        set_progress(&self.sender.progress, |p| {
+            p.phase = self.phase.name().into()
+        });
         result
     }
 
     fn run_phases(&mut self) -> Result<Report, MigrationError> {
+        // Setup (calibration, rate sampling) may have taken a while.
+        self.sender.check_cancel()?;
         let pre = match self.history.start {
             Start::PostCopy => None,
             Start::PreCopy | Start::Hybrid { .. } => Some(precopy::run_rounds(
@@ -308,6 +346,7 @@ impl<V: SourceVm> Run<'_, '_, V> {
         };
         match pre {
             Some(pre) if !pre.postcopy => {
+                self.sender.control.commit_switch_over()?;
                 let report =
                     stop_and_copy::switch_over(self.sender, self.verify, pre, self.paused)?;
                 *self.phase = self.phase.next(SourceEvent::Resumed)?;
@@ -322,6 +361,7 @@ impl<V: SourceVm> Run<'_, '_, V> {
         if !self.can_postcopy {
             return Err(PolicyError::PostcopyNotPrepared.into());
         }
+        self.sender.control.commit_switch_over()?;
         let order = self.policy.push_order(self.history);
         let report = stop_and_copy::switch_over_postcopy(
             self.sender,

@@ -5,6 +5,7 @@
 //!         --workload wset=256M,rate=20000,read=50000,fill=100 [--api-socket PATH]
 //! vmm run --restore FILE [--api-socket PATH]
 //! vmm ctl --api-socket PATH pause|resume|state|verify|scan|quit|save FILE|restore FILE
+//! vmm ctl --api-socket PATH migrate-cancel|migration-status|migrate-set-parameters --max-downtime 50ms
 //! vmm receive --listen tcp:ADDR --secret FILE
 //! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
 //! vmm demo
@@ -81,6 +82,27 @@ enum CtlAction {
     Restore { path: PathBuf },
     /// Stop the vmm.
     Quit,
+    /// Cancel the running migration (before the switch-over only): the
+    /// source guest runs on as before, the destination discards everything.
+    MigrateCancel,
+    /// The running migration's phase, round, pages remaining, throughput,
+    /// dirty rate, expected downtime and ETA (or how the last one ended).
+    MigrationStatus,
+    /// Change the running migration's limits from its next round.
+    MigrateSetParameters {
+        /// Switch over once the predicted downtime is below this (50ms, 1s).
+        #[arg(long, value_parser = migrate::parse_duration_ms)]
+        max_downtime: Option<f64>,
+        /// Cap the link (e.g. 1Gbit, 100Mbit), or `none`.
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Switch over after this many rounds at the latest.
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// Throttle the vCPUs while the guest outruns the link: on or off.
+        #[arg(long)]
+        auto_converge: Option<bool>,
+    },
 }
 
 fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
@@ -96,6 +118,20 @@ fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
         CtlAction::Save { path } => serde_json::json!({"cmd": "save", "path": path}),
         CtlAction::Restore { path } => serde_json::json!({"cmd": "restore", "path": path}),
         CtlAction::Quit => serde_json::json!({"cmd": "quit"}),
+        CtlAction::MigrateCancel => serde_json::json!({"cmd": "migrate_cancel"}),
+        CtlAction::MigrationStatus => serde_json::json!({"cmd": "migration_status"}),
+        CtlAction::MigrateSetParameters {
+            max_downtime,
+            bandwidth,
+            max_rounds,
+            auto_converge,
+        } => serde_json::json!({
+            "cmd": "migrate_set_parameters",
+            "max_downtime_ms": max_downtime,
+            "bandwidth": bandwidth,
+            "max_rounds": max_rounds,
+            "auto_converge": auto_converge,
+        }),
     };
     let resp = vmm::api::call(api_socket, &req)
         .map_err(|e| format!("control socket {}: {e}", api_socket.display()))?;
@@ -122,7 +158,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Receive(args) => receive::receive(args),
-        Command::Migrate(args) => migrate::migrate(args),
+        Command::Migrate(args) => migrate::migrate_cancelling_on_signal(args),
         Command::Demo(args) => migrate::demo(args),
         Command::Model(args) => model::model(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),

@@ -104,8 +104,39 @@ fn round_extras(round: &Value) -> String {
     out
 }
 
+/// `vmm migrate` from the command line: SIGINT or SIGTERM cancels the
+/// migration it started (the source guest runs on) instead of leaving it
+/// to go on without anyone watching; a second signal exits at once.
+pub fn migrate_cancelling_on_signal(args: MigrateArgs) -> Result<(), String> {
+    let sock = args.api_socket.clone();
+    let signalled =
+        crate::signals::Termination::install_saying("cancelling the migration…", move |_| {
+            cancel_on_signal(&sock)
+        })
+        .map_err(|e| vmm::api::error_chain(&e))?;
+    migrate_unless(args, || signalled.received().is_some())
+}
+
+/// Asks the source to cancel; the progress loop prints the outcome.
+fn cancel_on_signal(sock: &std::path::Path) {
+    match call(sock, &json!({"cmd": "migrate_cancel"})) {
+        Ok(r) if r["ok"] == json!(true) => {}
+        Ok(r) => eprintln!(
+            "cannot cancel: {}",
+            r["error"].as_str().unwrap_or("refused")
+        ),
+        Err(e) => eprintln!("cannot cancel: control socket {}: {e}", sock.display()),
+    }
+}
+
 /// Asks a running vmm to migrate, shows progress, prints the report.
 pub fn migrate(args: MigrateArgs) -> Result<(), String> {
+    migrate_unless(args, || false)
+}
+
+/// [`migrate`], unless `interrupted` before the request is sent (a cancel
+/// sent before the migration began would find nothing to cancel).
+fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(), String> {
     let req = json!({
         "cmd": "migrate",
         "to": args.to,
@@ -125,6 +156,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "skip_redirtied": args.skip_redirtied,
     });
     let sock = &args.api_socket;
+    if interrupted() {
+        return Err("interrupted before the migration started".into());
+    }
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
     if resp["ok"] != json!(true) {
         return Err(resp["error"]
@@ -143,6 +177,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     };
     shown.finish();
+    if status["state"] == json!("cancelled") {
+        return Err("migration cancelled before the switch-over: the guest keeps running on the source as before".into());
+    }
     if let Some(err) = status["failure"].as_str() {
         return Err(format!(
             "migration failed, the guest keeps running on the source: {err}"

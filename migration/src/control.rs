@@ -33,6 +33,17 @@ pub enum CancelRefused {
     SwitchedOver,
 }
 
+/// Why a switch to post-copy was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartPostcopyRefused {
+    #[error("the migration is already past the switch-over")]
+    SwitchedOver,
+    #[error("the migration is being cancelled")]
+    Cancelling,
+    #[error("this migration has no post-copy fault connection: start it with --postcopy-ready (or in a post-copy mode)")]
+    NotPrepared,
+}
+
 /// New limits for a running migration; `None` leaves one as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ParameterChange {
@@ -73,6 +84,10 @@ pub struct Control {
     pending: Mutex<ParameterChange>,
     /// Bumped at every change, so the sender notices cheaply.
     generation: AtomicU64,
+    /// The fault connection is open: post-copy may start at a round end.
+    postcopy_prepared: AtomicBool,
+    /// Switch to post-copy at the next round end.
+    postcopy_requested: AtomicBool,
 }
 
 /// A shared [`Control`].
@@ -112,6 +127,33 @@ impl Control {
     /// Whether a cancel would still be honoured.
     pub fn cancellable(&self) -> bool {
         *self.lock_stage() != Stage::SwitchedOver
+    }
+
+    /// Tells whether post-copy's fault connection is open (the engine,
+    /// after setup).
+    pub fn set_postcopy_prepared(&self, prepared: bool) {
+        self.postcopy_prepared.store(prepared, Ordering::SeqCst);
+    }
+
+    /// Asks pre-copy to switch to post-copy at its next round end.
+    pub fn start_postcopy(&self) -> Result<(), StartPostcopyRefused> {
+        let stage = self.lock_stage();
+        match *stage {
+            Stage::SwitchedOver => Err(StartPostcopyRefused::SwitchedOver),
+            Stage::Cancelling => Err(StartPostcopyRefused::Cancelling),
+            Stage::Cancellable if !self.postcopy_prepared.load(Ordering::SeqCst) => {
+                Err(StartPostcopyRefused::NotPrepared)
+            }
+            Stage::Cancellable => {
+                self.postcopy_requested.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether a switch to post-copy was asked for.
+    pub fn postcopy_requested(&self) -> bool {
+        self.postcopy_requested.load(Ordering::SeqCst)
     }
 
     /// Records new limits; the engine applies them at its next round start
@@ -171,6 +213,17 @@ mod tests {
         assert_eq!(c.cancel(), Err(CancelRefused::SwitchedOver));
         assert!(!c.cancel_requested());
         assert!(!c.cancellable());
+    }
+
+    #[test]
+    fn post_copy_starts_only_when_prepared_and_before_the_switch_over() {
+        let c = Control::default();
+        assert_eq!(c.start_postcopy(), Err(StartPostcopyRefused::NotPrepared));
+        c.set_postcopy_prepared(true);
+        assert_eq!(c.start_postcopy(), Ok(()));
+        assert!(c.postcopy_requested());
+        assert_eq!(c.commit_switch_over(), Ok(()));
+        assert_eq!(c.start_postcopy(), Err(StartPostcopyRefused::SwitchedOver));
     }
 
     #[test]

@@ -199,6 +199,18 @@ fn apply_parameters<V: SourceVm>(
     set_progress(&s.progress, |p| p.limits = Some(history.limits.clone()));
 }
 
+/// The policy's `decision`, unless the user asked for post-copy
+/// (`migrate_start_postcopy`), which overrides it.
+fn requested_postcopy<V: SourceVm>(s: &PageSender<'_, V>, decision: AfterRound) -> AfterRound {
+    match decision {
+        AfterRound::PostCopy { .. } => decision,
+        _ if s.control.postcopy_requested() => AfterRound::PostCopy {
+            rule: StopRule::Requested,
+        },
+        _ => decision,
+    }
+}
+
 /// Puts the last round's figures in the live progress.
 fn show_round_end<V: SourceVm>(s: &PageSender<'_, V>, history: &History) {
     let Some(r) = history.rounds.last() else {
@@ -292,7 +304,7 @@ pub fn run_rounds<V: SourceVm>(
         history.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         show_round_end(s, history);
         s.check_cancel()?;
-        let decision = policy.after_round(history);
+        let decision = requested_postcopy(s, policy.after_round(history));
         *phase = phase.next(SourceEvent::RoundEnded(decision))?;
         let (stop_rule, postcopy) = match decision {
             AfterRound::Continue { throttle } => {

@@ -91,8 +91,11 @@ pub fn migrate_controlled<V: SourceVm>(
         populated_bytes: populated_bytes(vm)?,
         limits: opts.limits(),
     };
-    let setup = policy.setup(&setup_view);
+    let mut setup = policy.setup(&setup_view);
+    // Asked up front, so that a running pre-copy may switch to post-copy.
+    setup.may_postcopy |= opts.postcopy_ready;
     let fault_conn = send_config(vm, &mut stream, addr, secret, setup)?;
+    control.set_postcopy_prepared(fault_conn.is_some());
     let mut sender = PageSender::new(vm, stream, opts, progress, control);
     let plan = plan(&mut sender, policy, setup, setup_view)?;
     phase = phase.next(SourceEvent::Planned(plan.plan.start))?;

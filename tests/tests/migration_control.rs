@@ -2,7 +2,8 @@
 //! `migrate_cancel` before the switch-over leaves the source exactly as it
 //! was (and a second migration then succeeds), after it is refused;
 //! SIGINT on `vmm migrate` cancels; `migrate_set_parameters` changes the
-//! next round, as the report shows.
+//! next round, as the report shows; `migrate_start_postcopy` switches a
+//! running pre-copy to post-copy.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -294,6 +295,14 @@ fn set_parameters_mid_flight_changes_the_next_round() {
     wait_status(&dir, "round 1", |st| {
         st["progress"]["round"].as_u64() >= Some(1)
     });
+    // Without --postcopy-ready there is no fault connection to switch to.
+    let r = ask(&dir, json!({"cmd": "migrate_start_postcopy"}));
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--postcopy-ready")),
+        "{r}"
+    );
     let r = ask(
         &dir,
         json!({"cmd": "migrate_set_parameters", "max_downtime_ms": 5000, "bandwidth": "1Gbit"}),
@@ -323,6 +332,43 @@ fn set_parameters_mid_flight_changes_the_next_round() {
         "{report}"
     );
     assert_eq!(report["limits"]["max_downtime_ms"], json!(5000.0));
+    src.quit();
+    assert_guest_lives_on(&dst, 1, &before);
+}
+
+#[test]
+fn start_postcopy_mid_pre_copy() {
+    if !require_kvm() {
+        return;
+    }
+    let (dir, src, secret, dst) = ends("start-postcopy");
+    let before = src.state();
+    // Pre-copy that never converges on its own (a zero downtime limit).
+    let t = migrate_in_background(
+        &dir.join("src.sock"),
+        &dst.addr,
+        &secret,
+        &[
+            "--postcopy-ready",
+            "--verify",
+            "--bandwidth",
+            "400Mbit",
+            "--max-downtime",
+            "0",
+        ],
+    );
+    wait_status(&dir, "round 1", |st| {
+        st["progress"]["round"].as_u64() >= Some(1)
+    });
+    let r = ask(&dir, json!({"cmd": "migrate_start_postcopy"}));
+    assert_eq!(r["ok"], json!(true), "{r}");
+    let (ok, report, err) = t.join().unwrap();
+    assert!(ok, "{err}\n{}", dst.stderr_text());
+    assert_eq!(report["stop_rule"], json!("requested"), "{report}");
+    assert!(report["postcopy"].is_object(), "{report}");
+    assert!(report["rounds"].as_array().unwrap().len() >= 2, "{report}");
+    assert_eq!(report["mismatched_pages"], json!(0), "{report}");
+    assert_eq!(report["guest_verified"], json!(true), "{report}");
     src.quit();
     assert_guest_lives_on(&dst, 1, &before);
 }

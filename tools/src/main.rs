@@ -5,7 +5,8 @@
 //!         --workload wset=256M,rate=20000,read=50000,fill=100 [--api-socket PATH]
 //! vmm run --restore FILE [--api-socket PATH]
 //! vmm ctl --api-socket PATH pause|resume|state|verify|scan|quit|save FILE|restore FILE
-//! vmm ctl --api-socket PATH migrate-cancel|migration-status|migrate-set-parameters --max-downtime 50ms
+//! vmm ctl --api-socket PATH migrate-cancel|migration-status|migrate-start-postcopy|
+//!     migrate-set-parameters --max-downtime 50ms --bandwidth 1Gbit --max-rounds 5 --auto-converge true
 //! vmm receive --listen tcp:ADDR --secret FILE
 //! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
 //! vmm demo
@@ -88,6 +89,9 @@ enum CtlAction {
     /// The running migration's phase, round, pages remaining, throughput,
     /// dirty rate, expected downtime and ETA (or how the last one ended).
     MigrationStatus,
+    /// Switch the running pre-copy to post-copy at the end of its current
+    /// round (the migration must have been started with --postcopy-ready).
+    MigrateStartPostcopy,
     /// Change the running migration's limits from its next round.
     MigrateSetParameters {
         /// Switch over once the predicted downtime is below this (50ms, 1s).
@@ -120,6 +124,7 @@ fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
         CtlAction::Quit => serde_json::json!({"cmd": "quit"}),
         CtlAction::MigrateCancel => serde_json::json!({"cmd": "migrate_cancel"}),
         CtlAction::MigrationStatus => serde_json::json!({"cmd": "migration_status"}),
+        CtlAction::MigrateStartPostcopy => serde_json::json!({"cmd": "migrate_start_postcopy"}),
         CtlAction::MigrateSetParameters {
             max_downtime,
             bandwidth,

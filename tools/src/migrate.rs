@@ -67,6 +67,10 @@ pub struct MigrateArgs {
     /// every 4 MiB sent to find them.
     #[arg(long)]
     skip_redirtied: bool,
+    /// Open post-copy's fault connection up front, so that `vmm ctl
+    /// migrate-start-postcopy` can switch a running pre-copy to post-copy.
+    #[arg(long)]
+    postcopy_ready: bool,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
@@ -154,6 +158,7 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "predict": args.predict,
         "auto_converge": args.auto_converge,
         "skip_redirtied": args.skip_redirtied,
+        "postcopy_ready": args.postcopy_ready,
     });
     let sock = &args.api_socket;
     if interrupted() {
@@ -434,6 +439,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             verify: true,
             auto_converge: false,
             skip_redirtied: false,
+            postcopy_ready: false,
             json: args.json,
         })
     })();

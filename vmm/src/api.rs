@@ -79,6 +79,10 @@ pub struct MigrateRequest {
     /// Pre-copy: skip pages dirtied again since the round began.
     #[serde(default)]
     pub skip_redirtied: bool,
+    /// Open post-copy's fault connection up front, so that
+    /// `migrate_start_postcopy` may switch to post-copy mid-pre-copy.
+    #[serde(default)]
+    pub postcopy_ready: bool,
 }
 
 /// A migration in progress or finished.
@@ -178,6 +182,7 @@ pub enum Request {
     MigrationStatus,
     MigrateCancel,
     MigrateSetParameters(SetParametersRequest),
+    MigrateStartPostcopy,
     Quit,
 }
 
@@ -304,6 +309,7 @@ impl Controller {
             Request::MigrationStatus => return Ok(self.migration_status()),
             Request::MigrateCancel => return self.cancel_migration(),
             Request::MigrateSetParameters(req) => return self.set_parameters(&req),
+            Request::MigrateStartPostcopy => return self.start_postcopy(),
             Request::Quit => self.request_quit(),
         }
         Ok(json!({}))
@@ -412,6 +418,16 @@ impl Controller {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Switches the running pre-copy to post-copy at its next round end.
+    fn start_postcopy(&self) -> Result<Value, String> {
+        let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.running {
+            return Err(format!("no migration is running (last: {})", slot.state()));
+        }
+        slot.control.start_postcopy().map_err(|e| e.to_string())?;
+        Ok(json!({"applies_from": "the end of the current round"}))
     }
 
     /// Changes the limits of the running migration from its next round.
@@ -560,6 +576,7 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         predict: req.predict,
         auto_converge: req.auto_converge,
         skip_redirtied: req.skip_redirtied,
+        postcopy_ready: req.postcopy_ready,
         ..Default::default()
     };
     if let Some(ms) = req.max_downtime_ms {

@@ -217,6 +217,8 @@ pub enum StopRule {
     MaxRounds,
     /// The bytes-sent cap was reached.
     MaxBytes,
+    /// The user asked for post-copy (`migrate_start_postcopy`).
+    Requested,
 }
 
 impl StopRule {
@@ -228,6 +230,7 @@ impl StopRule {
             StopRule::Threshold => "threshold",
             StopRule::MaxRounds => "max_rounds",
             StopRule::MaxBytes => "max_bytes",
+            StopRule::Requested => "requested",
         }
     }
 }

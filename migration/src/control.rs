@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::events::{EventKind, EventLog};
 use crate::report::Limits;
 
 /// Where the migration stands with respect to a cancel.
@@ -88,12 +89,27 @@ pub struct Control {
     postcopy_prepared: AtomicBool,
     /// Switch to post-copy at the next round end.
     postcopy_requested: AtomicBool,
+    /// Where the engine tells what happens.
+    events: Arc<EventLog>,
 }
 
 /// A shared [`Control`].
 pub type ControlHandle = Arc<Control>;
 
 impl Control {
+    /// A control whose engine reports its events to `events`.
+    pub fn with_events(events: Arc<EventLog>) -> Self {
+        Self {
+            events,
+            ..Default::default()
+        }
+    }
+
+    /// Records an event.
+    pub fn emit(&self, kind: EventKind) {
+        self.events.emit(kind);
+    }
+
     /// Asks the migration to stop at its next safe point.
     pub fn cancel(&self) -> Result<(), CancelRefused> {
         let mut stage = self.lock_stage();

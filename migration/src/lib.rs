@@ -7,6 +7,7 @@
 //! 2. the kit every phase shares: [`error`], [`options`], [`report`],
 //!    [`state`] (the state machines), [`policy`] (the decisions),
 //!    [`control`] (cancel and new limits from another thread),
+//!    [`events`] (what happened, for scripts),
 //!    [`sender`] (the page sender);
 //! 3. the phases: [`precopy`], [`postcopy`], [`stop_and_copy`] (pause,
 //!    last pages, machine state, switch-over);
@@ -24,6 +25,7 @@ pub mod codec;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod events;
 pub mod model;
 pub mod options;
 pub mod placement;

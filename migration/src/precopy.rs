@@ -21,6 +21,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
+use crate::events::EventKind;
 use crate::policy::{AfterRound, History, Policy, Skip, Start, StopRule, Throttle};
 use crate::protocol::{encode_round_end, Kind};
 use crate::report::Round;
@@ -211,11 +212,20 @@ fn requested_postcopy<V: SourceVm>(s: &PageSender<'_, V>, decision: AfterRound) 
     }
 }
 
-/// Puts the last round's figures in the live progress.
+/// Puts the last round's figures in the live progress and the events.
 fn show_round_end<V: SourceVm>(s: &PageSender<'_, V>, history: &History) {
     let Some(r) = history.rounds.last() else {
         return;
     };
+    s.control.emit(EventKind::RoundEnded {
+        round: r.round,
+        pages: r.pages,
+        bytes: r.bytes,
+        duration_ms: r.duration_ms,
+        dirty_rate_pages_s: r.dirty_rate_pages_s,
+        pages_remaining: history.pending_pages,
+        estimated_downtime_ms: r.estimated_downtime_ms,
+    });
     set_progress(&s.progress, |p| {
         p.pages_remaining = history.pending_pages;
         p.throughput_mb_s = r.bandwidth_mb_s;
@@ -320,6 +330,10 @@ pub fn run_rounds<V: SourceVm>(
             AfterRound::PostCopy { rule } => (rule, true),
         };
         tracing::info!("pre-copy stops after round {round}: {}", stop_rule.name());
+        s.control.emit(EventKind::StopRuleFired {
+            rule: stop_rule.name().into(),
+            postcopy,
+        });
         return Ok(PrecopyOutcome {
             rounds: history.rounds.clone(),
             dirty: if hybrid { pending } else { dirty },

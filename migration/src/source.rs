@@ -14,6 +14,7 @@ use crate::codec::PAGE;
 use crate::control::{Control, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
+use crate::events::EventKind;
 use crate::options::Options;
 use crate::policy::{
     Builtin, History, Measured, Plan, PlanView, Policy, PolicyError, Setup, SetupView, Start,
@@ -69,6 +70,38 @@ pub fn migrate_with_policy<V: SourceVm>(
 /// destination is told with a typed `Abort`), and new limits apply from
 /// the next round.
 pub fn migrate_controlled<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    secret: &Secret,
+    opts: &Options,
+    policy: &mut dyn Policy,
+    progress: ProgressHandle,
+    control: ControlHandle,
+) -> Result<Report, MigrationError> {
+    let r = run_migration(vm, addr, secret, opts, policy, progress, control.clone());
+    control.emit(match &r {
+        Ok(_) => EventKind::Completed,
+        Err(e) if e.is_cancelled() => EventKind::Cancelled,
+        Err(e) => EventKind::Failed {
+            error: error_chain(e),
+        },
+    });
+    r
+}
+
+/// `e` and its sources, for the event stream.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s += &format!(": {c}");
+        source = c.source();
+    }
+    s
+}
+
+/// The body of [`migrate_controlled`].
+fn run_migration<V: SourceVm>(
     vm: &V,
     addr: &str,
     secret: &Secret,

@@ -37,6 +37,33 @@ fn receiver(dir: &Path, secret: &Path) -> Receiver {
     Receiver::start(dir, &format!("127.0.0.1:{}", free_port()), secret, None)
 }
 
+/// `vmm ctl events --all` on the source, until a migration ends.
+fn watch_events(dir: &Path) -> std::process::Child {
+    Command::new(vmm_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(dir.join("src.sock"))
+        .args(["events", "--all"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning vmm ctl events")
+}
+
+/// The names of the events a [`watch_events`] printed, in order.
+fn event_names(watcher: std::process::Child) -> (Vec<String>, Vec<Value>) {
+    let out = watcher.wait_with_output().expect("vmm ctl events");
+    assert!(out.status.success());
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let names = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+        .collect();
+    (names, events)
+}
+
 /// Sends `req` to the source; returns the answer, successful or not.
 fn ask(src: &Path, req: Value) -> Value {
     vmm::api::call(&src.join("src.sock"), &req).expect("control socket")
@@ -166,6 +193,7 @@ fn cancel_during_a_later_round() {
         return;
     }
     let (dir, src, secret, mut dst) = ends("cancel-later");
+    let watcher = watch_events(&dir);
     // A zero downtime limit never fits: rounds go on until the cancel;
     // auto-converge throttles the vCPUs meanwhile, which the cancel lifts.
     let t = migrate_in_background(
@@ -191,6 +219,13 @@ fn cancel_during_a_later_round() {
     assert_eq!(p["limits"]["max_downtime_ms"], json!(0.0), "{st}");
     cancel(&dir);
     assert_cancelled(t);
+    let (names, _) = event_names(watcher);
+    assert!(names.len() >= 3, "{names:?}");
+    assert!(
+        names[..names.len() - 1].iter().all(|n| n == "round_ended"),
+        "{names:?}"
+    );
+    assert_eq!(names.last().map(String::as_str), Some("cancelled"));
     assert_destination_discarded(&mut dst);
     assert_source_unharmed(&src);
     migrate_again(&dir, src, &secret);
@@ -343,6 +378,7 @@ fn start_postcopy_mid_pre_copy() {
     }
     let (dir, src, secret, dst) = ends("start-postcopy");
     let before = src.state();
+    let watcher = watch_events(&dir);
     // Pre-copy that never converges on its own (a zero downtime limit).
     let t = migrate_in_background(
         &dir.join("src.sock"),
@@ -369,6 +405,31 @@ fn start_postcopy_mid_pre_copy() {
     assert!(report["rounds"].as_array().unwrap().len() >= 2, "{report}");
     assert_eq!(report["mismatched_pages"], json!(0), "{report}");
     assert_eq!(report["guest_verified"], json!(true), "{report}");
+    let (names, events) = event_names(watcher);
+    let tail: Vec<&str> = names
+        .iter()
+        .rev()
+        .take(5)
+        .rev()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "stop_rule_fired",
+            "paused",
+            "switched_over",
+            "postcopy_complete",
+            "completed"
+        ],
+        "{names:?}"
+    );
+    let fired = &events[names.len() - 5];
+    assert_eq!(
+        (&fired["rule"], &fired["postcopy"]),
+        (&json!("requested"), &json!(true))
+    );
+    assert!(names[..names.len() - 5].iter().all(|n| n == "round_ended"));
     src.quit();
     assert_guest_lives_on(&dst, 1, &before);
 }

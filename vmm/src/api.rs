@@ -155,6 +155,9 @@ fn downtime(ms: f64) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(ms / 1e3))
 }
 
+/// The longest an `events` request waits for an event.
+const MAX_EVENTS_WAIT_MS: u64 = 10_000;
+
 /// How long `migrate_cancel` waits for the source guest to run as before.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
@@ -183,6 +186,14 @@ pub enum Request {
     MigrateCancel,
     MigrateSetParameters(SetParametersRequest),
     MigrateStartPostcopy,
+    /// The migration events after `after` (all kept ones without it),
+    /// waiting up to `wait_ms` for one to come.
+    Events {
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
     Quit,
 }
 
@@ -193,6 +204,8 @@ pub struct Controller {
     opts: RunOptions,
     quit: AtomicBool,
     migration: Mutex<MigrationSlot>,
+    /// Every migration's events, numbered across migrations.
+    events: Arc<migration::events::EventLog>,
     me: std::sync::Weak<Controller>,
 }
 
@@ -216,6 +229,7 @@ impl Controller {
             opts,
             quit: AtomicBool::new(false),
             migration: Mutex::new(MigrationSlot::default()),
+            events: Arc::default(),
             me: me.clone(),
         })
     }
@@ -310,6 +324,11 @@ impl Controller {
             Request::MigrateCancel => return self.cancel_migration(),
             Request::MigrateSetParameters(req) => return self.set_parameters(&req),
             Request::MigrateStartPostcopy => return self.start_postcopy(),
+            Request::Events { after, wait_ms } => {
+                let wait = Duration::from_millis(wait_ms.unwrap_or(0).min(MAX_EVENTS_WAIT_MS));
+                let events = self.events.after(after.unwrap_or(0), wait);
+                return Ok(json!({"events": events, "last": self.events.last_seq()}));
+            }
             Request::Quit => self.request_quit(),
         }
         Ok(json!({}))
@@ -328,6 +347,7 @@ impl Controller {
         }
         *slot = MigrationSlot {
             running: true,
+            control: Arc::new(migration::Control::with_events(self.events.clone())),
             ..Default::default()
         };
         let progress = slot.progress.clone();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tests::{
     assert_guest_lives_on, free_port, heartbeat_field, migrate, migrate_in_background, per_vcpu,
-    require_kvm, scratch, secret_file, vmm_bin, Receiver, VmmProcess,
+    require_kvm, scratch, secret_file, vmm, vmm_bin, Receiver, VmmProcess,
 };
 
 const WORKLOAD: &str = "wset=64M,rate=5000,fill=100";
@@ -247,14 +247,16 @@ fn cancel_during_post_copy_is_refused() {
     wait_status(&dir, "post-copy", |st| {
         st["progress"]["phase"] == json!("post-copy push")
     });
-    let r = ask(&dir, json!({"cmd": "migrate_cancel"}));
-    assert_eq!(r["ok"], json!(false), "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("past the switch-over")),
-        "{r}"
-    );
+    let sock = dir.join("src.sock");
+    let out = vmm(&[
+        "ctl",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "migrate-cancel",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("past the switch-over"), "{err}");
     // The migration goes on and completes.
     let (ok, report, err) = t.join().unwrap();
     assert!(ok, "{err}");
@@ -338,11 +340,22 @@ fn set_parameters_mid_flight_changes_the_next_round() {
             .is_some_and(|e| e.contains("--postcopy-ready")),
         "{r}"
     );
-    let r = ask(
-        &dir,
-        json!({"cmd": "migrate_set_parameters", "max_downtime_ms": 5000, "bandwidth": "1Gbit"}),
+    let sock = dir.join("src.sock");
+    let out = vmm(&[
+        "ctl",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "migrate-set-parameters",
+        "--max-downtime",
+        "5s",
+        "--bandwidth",
+        "1Gbit",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(r["ok"], json!(true), "{r}");
     let (ok, report, err) = t.join().unwrap();
     assert!(ok, "{err}");
     assert_eq!(report["stop_rule"], json!("downtime"), "{report}");

@@ -2,6 +2,7 @@
 //! each one is told to the peer as a typed [`Abort`].
 
 use crate::auth::AuthError;
+use crate::control::Cancelled;
 use crate::endpoint::BoxError;
 use crate::policy::PolicyError;
 use crate::protocol::{Abort, AbortCode, ProtocolError};
@@ -27,6 +28,8 @@ pub enum MigrationError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     State(#[from] IllegalTransition),
+    #[error(transparent)]
+    Cancelled(#[from] Cancelled),
     #[error("Verification failed: {0} pages differ between source and destination")]
     Mismatch(u64),
     #[error("The guest's own verification failed on the destination: {0}")]
@@ -46,8 +49,14 @@ impl MigrationError {
         match self {
             Self::Mismatch(n) => Abort::new(AbortCode::PagesDiffer, *n, ""),
             Self::GuestVerification(d) => Abort::new(AbortCode::GuestVerification, 0, d),
+            Self::Cancelled(_) => Abort::new(AbortCode::Cancelled, 0, "cancelled by the user"),
             other => Abort::new(side, 0, &other.to_string()),
         }
+    }
+
+    /// Whether the migration stopped because it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Self::Cancelled(_))
     }
 
     /// The error an `Abort` from the peer stands for: verification results

@@ -6,6 +6,8 @@
 //!    [`codec`], [`bitmap`], [`transport`], [`rate_limit`], [`uffd`];
 //! 2. the kit every phase shares: [`error`], [`options`], [`report`],
 //!    [`state`] (the state machines), [`policy`] (the decisions),
+//!    [`control`] (cancel and new limits from another thread),
+//!    [`events`] (what happened, for scripts),
 //!    [`sender`] (the page sender);
 //! 3. the phases: [`precopy`], [`postcopy`], [`stop_and_copy`] (pause,
 //!    last pages, machine state, switch-over);
@@ -20,8 +22,10 @@ pub mod access_rate;
 pub mod auth;
 pub mod bitmap;
 pub mod codec;
+pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod events;
 pub mod model;
 pub mod options;
 pub mod placement;
@@ -40,9 +44,10 @@ pub mod transport;
 pub mod uffd;
 pub mod verify;
 
+pub use control::{Control, ControlHandle, ParameterChange};
 pub use endpoint::{BoxError, DestinationVm, SourceVm};
 pub use error::MigrationError;
 pub use options::{Mode, Options, Split};
 pub use report::Report;
 pub use sender::{Progress, ProgressHandle};
-pub use source::{migrate, migrate_with_policy};
+pub use source::{migrate, migrate_controlled, migrate_with_policy};

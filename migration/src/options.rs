@@ -64,6 +64,10 @@ pub struct Options {
     /// Pre-copy: skip pages the guest dirtied again since the round began
     /// (Xen's "to skip"; see `policy::skip_redirtied`).
     pub skip_redirtied: bool,
+    /// Open post-copy's fault connection up front whatever the policy
+    /// plans, so that `migrate_start_postcopy` can switch a running
+    /// pre-copy to post-copy.
+    pub postcopy_ready: bool,
 }
 
 impl Default for Options {
@@ -80,6 +84,7 @@ impl Default for Options {
             threshold: 8 << 20,
             auto_converge: false,
             skip_redirtied: false,
+            postcopy_ready: false,
         }
     }
 }

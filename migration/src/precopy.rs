@@ -21,6 +21,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
+use crate::events::EventKind;
 use crate::policy::{AfterRound, History, Policy, Skip, Start, StopRule, Throttle};
 use crate::protocol::{encode_round_end, Kind};
 use crate::report::Round;
@@ -182,6 +183,63 @@ pub fn send_round<V: SourceVm>(
     })
 }
 
+/// Takes the limits changed since the migration began (`asked` are the
+/// ones it began with) into `history`, where the policy reads them; a
+/// throttle is lifted when auto-converge was switched off.
+fn apply_parameters<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    history: &mut History,
+    asked: &crate::report::Limits,
+    throttle_pct: &mut u8,
+) {
+    history.limits = s.control.changes().apply(asked);
+    if !history.limits.auto_converge && *throttle_pct > 0 {
+        s.vm.set_throttle(0);
+        *throttle_pct = 0;
+    }
+    set_progress(&s.progress, |p| p.limits = Some(history.limits.clone()));
+}
+
+/// The policy's `decision`, unless the user asked for post-copy
+/// (`migrate_start_postcopy`), which overrides it.
+fn requested_postcopy<V: SourceVm>(s: &PageSender<'_, V>, decision: AfterRound) -> AfterRound {
+    match decision {
+        AfterRound::PostCopy { .. } => decision,
+        _ if s.control.postcopy_requested() => AfterRound::PostCopy {
+            rule: StopRule::Requested,
+        },
+        _ => decision,
+    }
+}
+
+/// Puts the last round's figures in the live progress and the events.
+fn show_round_end<V: SourceVm>(s: &PageSender<'_, V>, history: &History) {
+    let Some(r) = history.rounds.last() else {
+        return;
+    };
+    s.control.emit(EventKind::RoundEnded {
+        round: r.round,
+        pages: r.pages,
+        bytes: r.bytes,
+        duration_ms: r.duration_ms,
+        dirty_rate_pages_s: r.dirty_rate_pages_s,
+        pages_remaining: history.pending_pages,
+        estimated_downtime_ms: r.estimated_downtime_ms,
+    });
+    set_progress(&s.progress, |p| {
+        p.pages_remaining = history.pending_pages;
+        p.throughput_mb_s = r.bandwidth_mb_s;
+        p.dirty_rate_pages_s = r.dirty_rate_pages_s;
+        p.expected_downtime_ms = r.estimated_downtime_ms;
+        p.eta_s = eta_s(history.pending_pages, r.bandwidth_mb_s);
+    });
+}
+
+/// Seconds to send `pages` at `mb_s`, if the rate is known.
+pub(crate) fn eta_s(pages: u64, mb_s: f64) -> Option<f64> {
+    (mb_s > 0.0).then(|| pages as f64 * PAGE as f64 / (mb_s * 1e6))
+}
+
 /// The first `budget` bytes of `ranges` (page runs).
 fn take_share(ranges: &[(u64, u64)], budget: u64) -> Vec<(u64, u64)> {
     let mut left = budget.div_ceil(PAGE as u64);
@@ -219,13 +277,17 @@ pub fn run_rounds<V: SourceVm>(
     let covered = DirtyBitmap::from_runs(ram_pages, &page_runs);
     let mut bandwidth = f64::INFINITY;
     let mut throttle_pct = 0u8;
+    let asked = history.limits.clone();
     for round in 0.. {
+        s.check_cancel()?;
+        apply_parameters(s, history, &asked, &mut throttle_pct);
         let mut seen = match policy.round(history)?.skip {
             Skip::Redirtied => Some(DirtyBitmap::new(ram_pages)),
             Skip::Nothing => None,
         };
         let mut r = send_round(s, round, &page_runs, false, seen.as_mut())?;
         r.throttle_pct = throttle_pct;
+        r.limits = Some(history.limits.clone());
         let mut dirty = DirtyBitmap::from_words(
             s.vm.take_dirty_bitmap()
                 .map_err(vm_err("read the dirty log"))?,
@@ -250,7 +312,9 @@ pub fn run_rounds<V: SourceVm>(
         history.pending_pages = pending.count();
         history.bytes_sent = s.out.bytes;
         history.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-        let decision = policy.after_round(history)?;
+        show_round_end(s, history);
+        s.check_cancel()?;
+        let decision = requested_postcopy(s, policy.after_round(history)?);
         *phase = phase.next(SourceEvent::RoundEnded(decision))?;
         let (stop_rule, postcopy) = match decision {
             AfterRound::Continue { throttle } => {
@@ -266,6 +330,10 @@ pub fn run_rounds<V: SourceVm>(
             AfterRound::PostCopy { rule } => (rule, true),
         };
         tracing::info!("pre-copy stops after round {round}: {}", stop_rule.name());
+        s.control.emit(EventKind::StopRuleFired {
+            rule: stop_rule.name().into(),
+            postcopy,
+        });
         return Ok(PrecopyOutcome {
             rounds: history.rounds.clone(),
             dirty: if hybrid { pending } else { dirty },

@@ -465,6 +465,9 @@ pub enum AbortCode {
     PagesDiffer = 4,
     /// `--verify`: the guest's own check failed on the destination.
     GuestVerification = 5,
+    /// The source's user cancelled the migration before the switch-over:
+    /// the destination discards everything.
+    Cancelled = 6,
 }
 
 impl AbortCode {
@@ -476,6 +479,7 @@ impl AbortCode {
             SourceFailed,
             PagesDiffer,
             GuestVerification,
+            Cancelled,
         ]
         .into_iter()
         .find(|c| *c as u16 == v)
@@ -544,6 +548,9 @@ impl std::fmt::Display for Abort {
             }
             AbortCode::GuestVerification => {
                 write!(f, "guest verification failed: {}", self.detail)
+            }
+            AbortCode::Cancelled => {
+                write!(f, "the source cancelled the migration: {}", self.detail)
             }
         }
     }

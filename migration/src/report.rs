@@ -34,6 +34,10 @@ pub struct Round {
     /// Pages of this round's list left for the next one because the guest
     /// dirtied them again before they were sent (`skip_redirtied`).
     pub skipped_pages: u64,
+    /// The limits this round ran with (`migrate_set_parameters` may change
+    /// them between rounds); absent for the paused round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
 }
 
 /// Where the downtime went.

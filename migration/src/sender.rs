@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::codec::{BatchEncoder, PAGE};
+use crate::control::{Cancelled, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
 use crate::options::Options;
@@ -25,6 +26,20 @@ pub struct Progress {
     pub round_pages_total: u64,
     pub bytes_wire: u64,
     pub ram_pages: u64,
+    /// Pages still to send: the rest of this round, or what the last
+    /// round left dirty.
+    pub pages_remaining: u64,
+    /// Throughput of the last round, MB/s.
+    pub throughput_mb_s: f64,
+    /// Pages/s the guest dirtied during the last round.
+    pub dirty_rate_pages_s: f64,
+    /// The downtime if the switch-over came after the last round.
+    pub expected_downtime_ms: f64,
+    /// Seconds until the current round ends at the last round's throughput
+    /// (pre-copy's end depends on the guest: this is a lower bound).
+    pub eta_s: Option<f64>,
+    /// The limits the current round runs with (changed by set-parameters).
+    pub limits: Option<crate::report::Limits>,
 }
 
 /// Shared progress handle.
@@ -64,10 +79,21 @@ pub struct PageSender<'a, V: SourceVm> {
     pub enc: BatchEncoder,
     limiter: Option<TokenBucket>,
     pub progress: ProgressHandle,
+    /// Cancel and parameter changes from whoever steers the migration.
+    pub control: ControlHandle,
+    /// The control's parameter generation the limiter was built for.
+    seen_generation: u64,
 }
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
-    pub fn new(vm: &'a V, stream: TcpStream, opts: &Options, progress: ProgressHandle) -> Self {
+    pub fn new(
+        vm: &'a V,
+        stream: TcpStream,
+        opts: &Options,
+        progress: ProgressHandle,
+        control: ControlHandle,
+    ) -> Self {
+        let seen_generation = control.generation();
         Self {
             vm,
             out: Counting {
@@ -77,6 +103,29 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
             enc: BatchEncoder::new(opts.compression),
             limiter: opts.bandwidth.map(TokenBucket::new),
             progress,
+            control,
+            seen_generation,
+        }
+    }
+
+    /// A safe point: fails with [`Cancelled`] if a cancel is pending
+    /// (never after the switch-over, where a cancel is refused).
+    pub fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.control.cancel_requested() {
+            return Err(Cancelled.into());
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the token bucket if the bandwidth was changed.
+    fn follow_bandwidth(&mut self) {
+        let generation = self.control.generation();
+        if generation == self.seen_generation {
+            return;
+        }
+        self.seen_generation = generation;
+        if let Some(cap) = self.control.changes().bandwidth {
+            self.limiter = cap.map(TokenBucket::new);
         }
     }
 
@@ -92,11 +141,15 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
                 .map_err(vm_err("read RAM"))?;
             if self.enc.is_full() {
                 self.flush_batch()?;
+                // Between batches: a cancel waits at most one batch.
+                self.check_cancel()?;
             }
             p += k;
             set_progress(&self.progress, |pr| {
                 pr.round_pages_sent += k;
                 pr.bytes_wire = self.out.bytes;
+                pr.pages_remaining = pr.round_pages_total.saturating_sub(pr.round_pages_sent);
+                pr.eta_s = crate::precopy::eta_s(pr.pages_remaining, pr.throughput_mb_s);
             });
         }
         Ok(())
@@ -107,6 +160,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         if self.enc.is_empty() {
             return Ok(());
         }
+        self.follow_bandwidth();
         let frame = self.enc.frame();
         if let Some(l) = &mut self.limiter {
             l.consume(frame[0].len() + frame[1].len());

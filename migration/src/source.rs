@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{self, Secret};
 use crate::codec::PAGE;
+use crate::control::{Control, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
+use crate::events::EventKind;
 use crate::options::Options;
 use crate::policy::{
     Builtin, History, Measured, Plan, PlanView, Policy, PolicyError, Setup, SetupView, Start,
@@ -59,6 +61,55 @@ pub fn migrate_with_policy<V: SourceVm>(
     policy: &mut dyn Policy,
     progress: ProgressHandle,
 ) -> Result<Report, MigrationError> {
+    let control = std::sync::Arc::new(Control::default());
+    migrate_controlled(vm, addr, secret, opts, policy, progress, control)
+}
+
+/// Like [`migrate_with_policy`], steered through `control`: a cancel
+/// before the switch-over ends it with [`MigrationError::Cancelled`] (the
+/// destination is told with a typed `Abort`), and new limits apply from
+/// the next round.
+pub fn migrate_controlled<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    secret: &Secret,
+    opts: &Options,
+    policy: &mut dyn Policy,
+    progress: ProgressHandle,
+    control: ControlHandle,
+) -> Result<Report, MigrationError> {
+    let r = run_migration(vm, addr, secret, opts, policy, progress, control.clone());
+    control.emit(match &r {
+        Ok(_) => EventKind::Completed,
+        Err(e) if e.is_cancelled() => EventKind::Cancelled,
+        Err(e) => EventKind::Failed {
+            error: error_chain(e),
+        },
+    });
+    r
+}
+
+/// `e` and its sources, for the event stream.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s += &format!(": {c}");
+        source = c.source();
+    }
+    s
+}
+
+/// The body of [`migrate_controlled`].
+fn run_migration<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    secret: &Secret,
+    opts: &Options,
+    policy: &mut dyn Policy,
+    progress: ProgressHandle,
+    control: ControlHandle,
+) -> Result<Report, MigrationError> {
     let started = Instant::now();
     set_progress(&progress, |p| {
         p.phase = "connecting".into();
@@ -73,9 +124,12 @@ pub fn migrate_with_policy<V: SourceVm>(
         populated_bytes: populated_bytes(vm)?,
         limits: opts.limits(),
     };
-    let setup = policy.setup(&setup_view)?;
+    let mut setup = policy.setup(&setup_view)?;
+    // Asked up front, so that a running pre-copy may switch to post-copy.
+    setup.may_postcopy |= opts.postcopy_ready;
     let fault_conn = send_config(vm, &mut stream, addr, secret, setup)?;
-    let mut sender = PageSender::new(vm, stream, opts, progress);
+    control.set_postcopy_prepared(fault_conn.is_some());
+    let mut sender = PageSender::new(vm, stream, opts, progress, control);
     let plan = plan(&mut sender, policy, setup, setup_view)?;
     phase = phase.next(SourceEvent::Planned(plan.plan.start))?;
     let mut history = History {
@@ -108,6 +162,11 @@ pub fn migrate_with_policy<V: SourceVm>(
             started,
         };
         let r = run.phases();
+        if let Err(e @ MigrationError::Cancelled(_)) = &r {
+            // Cancelled: the destination still listens; tell it why.
+            let _ = sender.send(Kind::Abort, &e.to_abort(AbortCode::SourceFailed).encode());
+            let _ = sender.flush();
+        }
         // Closing our side ends the destination's reply thread and our server.
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
         r
@@ -119,8 +178,16 @@ pub fn migrate_with_policy<V: SourceVm>(
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
             report.prediction = plan.plan.prediction;
-            report.limits = opts.limits();
+            // The limits in force at the end (set-parameters may change them).
+            report.limits = history.limits.clone();
             Ok(report)
+        }
+        Err(e) if e.is_cancelled() => {
+            // The Abort went before the connection closed.
+            if paused {
+                vm.resume();
+            }
+            Err(e)
         }
         Err(e) => {
             // A destination that gives up says why in an Abort frame before
@@ -289,13 +356,20 @@ impl<V: SourceVm> Run<'_, '_, V> {
     /// the policy chose.
     fn phases(&mut self) -> Result<Report, MigrationError> {
         let result = self.run_phases();
-        if result.is_err() {
-            *self.phase = self.phase.next(SourceEvent::Fail)?;
+        match &result {
+            Err(e) if e.is_cancelled() => *self.phase = self.phase.next(SourceEvent::Cancel)?,
+            Err(_) => *self.phase = self.phase.next(SourceEvent::Fail)?,
+            Ok(_) => {}
         }
+        set_progress(&self.sender.progress, |p| {
+            p.phase = self.phase.name().into()
+        });
         result
     }
 
     fn run_phases(&mut self) -> Result<Report, MigrationError> {
+        // Setup (calibration, rate sampling) may have taken a while.
+        self.sender.check_cancel()?;
         let pre = match self.history.start {
             Start::PostCopy => None,
             Start::PreCopy | Start::Hybrid { .. } => Some(precopy::run_rounds(
@@ -308,6 +382,7 @@ impl<V: SourceVm> Run<'_, '_, V> {
         };
         match pre {
             Some(pre) if !pre.postcopy => {
+                self.sender.control.commit_switch_over()?;
                 let report =
                     stop_and_copy::switch_over(self.sender, self.verify, pre, self.paused)?;
                 *self.phase = self.phase.next(SourceEvent::Resumed)?;
@@ -322,6 +397,7 @@ impl<V: SourceVm> Run<'_, '_, V> {
         if !self.can_postcopy {
             return Err(PolicyError::PostcopyNotPrepared.into());
         }
+        self.sender.control.commit_switch_over()?;
         let order = self.policy.push_order(self.history)?;
         let report = stop_and_copy::switch_over_postcopy(
             self.sender,

@@ -16,6 +16,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
+use crate::events::EventKind;
 use crate::policy::PushOrder;
 use crate::postcopy::{push, SourceShared};
 use crate::precopy::{send_round, PrecopyOutcome};
@@ -37,6 +38,7 @@ pub fn switch_over<V: SourceVm>(
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
+    s.control.emit(EventKind::Paused);
     let mut dirty = pre.dirty;
     dirty.union_with(&take_dirty(s.vm)?);
     let last_runs: Vec<_> = dirty.runs().collect();
@@ -67,6 +69,7 @@ pub fn switch_over<V: SourceVm>(
     };
     let (downtime_ms, downtime_with_verify_ms) =
         breakdown.split(info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6);
+    s.control.emit(EventKind::SwitchedOver { downtime_ms });
     let mut report = Report {
         downtime_ms,
         downtime_with_verify_ms,
@@ -105,6 +108,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
+    s.control.emit(EventKind::Paused);
     let needed = still_needed(s.vm, pre.as_ref())?;
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
@@ -119,6 +123,9 @@ pub fn switch_over_postcopy<V: SourceVm>(
         p.phase = "waiting for the destination".into()
     });
     let info = read_resumed(s.stream())?;
+    s.control.emit(EventKind::SwitchedOver {
+        downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
+    });
 
     let push_started = Instant::now();
     let pushed = push(s, &needed, shared, order)?;
@@ -129,6 +136,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
     });
     let mut r = s.stream();
     let done = read_frame(&mut r)?.expect(Kind::PostcopyComplete)?;
+    s.control.emit(EventKind::PostcopyComplete);
     let stats: PostcopyReport =
         serde_json::from_slice(&done).map_err(|e| ProtocolError::Malformed {
             what: "PostcopyComplete",

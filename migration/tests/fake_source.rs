@@ -145,3 +145,48 @@ fn a_destination_that_vanishes_after_the_state_leaves_the_source_running() {
         vm.resumes.load(Ordering::SeqCst)
     );
 }
+
+#[test]
+fn a_cancel_in_a_round_tells_the_destination_and_leaves_the_source_running() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let control = std::sync::Arc::new(migration::Control::default());
+    let steer = control.clone();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        authenticate_as_destination(&mut s, &Secret::from_bytes(SECRET)).unwrap();
+        read_frame(&mut s).unwrap().expect(Kind::Config).unwrap();
+        write_frame(&mut s, Kind::Ready, &[]).unwrap();
+        // The cancel comes while round 0 is under way (its pages arrived,
+        // the source waits for the round's ack).
+        while read_frame(&mut s).unwrap().kind != Kind::Pages {}
+        steer.cancel().unwrap();
+        take_round(&mut s);
+        match read_frame(&mut s) {
+            Ok(f) if f.kind == Kind::Abort => Abort::decode(&f.payload).unwrap(),
+            Ok(f) => panic!("{:?} after the cancel", f.kind),
+            Err(ProtocolError::PeerAborted(a)) => a,
+            Err(e) => panic!("no Abort before the connection closed: {e}"),
+        }
+    });
+    let vm = FakeSource {
+        dirty: Mutex::new(vec![u64::MAX]),
+        ..Default::default()
+    };
+    let opts = Options::default();
+    let r = migration::migrate_controlled(
+        &vm,
+        &addr,
+        &Secret::from_bytes(SECRET),
+        &opts,
+        &mut migration::policy::Builtin::new(&opts),
+        Default::default(),
+        control.clone(),
+    );
+    let abort = peer.join().unwrap();
+    assert!(matches!(r, Err(MigrationError::Cancelled(_))), "{r:?}");
+    assert_eq!(abort.code, AbortCode::Cancelled);
+    assert_eq!(vm.pauses.load(Ordering::SeqCst), 0, "never paused");
+    // Too late to switch over now: the cancel won.
+    assert!(control.commit_switch_over().is_err());
+}

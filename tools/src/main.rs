@@ -5,6 +5,8 @@
 //!         --workload wset=256M,rate=20000,read=50000,fill=100 [--api-socket PATH]
 //! vmm run --restore FILE [--api-socket PATH]
 //! vmm ctl --api-socket PATH pause|resume|state|verify|scan|quit|save FILE|restore FILE
+//! vmm ctl --api-socket PATH migrate-cancel|migration-status|migrate-start-postcopy|events|
+//!     migrate-set-parameters --max-downtime 50ms --bandwidth 1Gbit --max-rounds 5 --auto-converge true
 //! vmm receive --listen tcp:ADDR --secret FILE
 //! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
 //! vmm demo
@@ -81,10 +83,71 @@ enum CtlAction {
     Restore { path: PathBuf },
     /// Stop the vmm.
     Quit,
+    /// Cancel the running migration (before the switch-over only): the
+    /// source guest runs on as before, the destination discards everything.
+    MigrateCancel,
+    /// The running migration's phase, round, pages remaining, throughput,
+    /// dirty rate, expected downtime and ETA (or how the last one ended).
+    MigrationStatus,
+    /// Switch the running pre-copy to post-copy at the end of its current
+    /// round (the migration must have been started with --postcopy-ready).
+    MigrateStartPostcopy,
+    /// Print migration events as JSON lines (round_ended, stop_rule_fired,
+    /// paused, switched_over, postcopy_complete, completed, failed,
+    /// cancelled) until a migration ends.
+    Events {
+        /// Print the events kept from before too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Change the running migration's limits from its next round.
+    MigrateSetParameters {
+        /// Switch over once the predicted downtime is below this (50ms, 1s).
+        #[arg(long, value_parser = migrate::parse_duration_ms)]
+        max_downtime: Option<f64>,
+        /// Cap the link (e.g. 1Gbit, 100Mbit), or `none`.
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Switch over after this many rounds at the latest.
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// Throttle the vCPUs while the guest outruns the link: on or off.
+        #[arg(long)]
+        auto_converge: Option<bool>,
+    },
+}
+
+/// `vmm ctl events`: long-polls the socket, prints each event as a JSON
+/// line, and returns once a migration ended.
+fn events(api_socket: &std::path::Path, all: bool) -> Result<(), String> {
+    let call = |req| {
+        vmm::api::call(api_socket, &req)
+            .map_err(|e| format!("control socket {}: {e}", api_socket.display()))
+    };
+    // Only a migration that ends after this started ends the stream.
+    let started_at = call(serde_json::json!({"cmd": "events", "after": u64::MAX}))?["last"]
+        .as_u64()
+        .unwrap_or(0);
+    let mut after = if all { 0 } else { started_at };
+    loop {
+        let resp = call(serde_json::json!({"cmd": "events", "after": after, "wait_ms": 1000}))?;
+        for e in resp["events"].as_array().into_iter().flatten() {
+            println!("{e}");
+            after = e["seq"].as_u64().unwrap_or(after);
+            let last = matches!(
+                e["event"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            );
+            if last && after > started_at {
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
     let req = match action {
+        CtlAction::Events { all } => return events(api_socket, all),
         CtlAction::Pause => serde_json::json!({"cmd": "pause"}),
         CtlAction::Resume => serde_json::json!({"cmd": "resume"}),
         CtlAction::State => serde_json::json!({"cmd": "state"}),
@@ -96,6 +159,21 @@ fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
         CtlAction::Save { path } => serde_json::json!({"cmd": "save", "path": path}),
         CtlAction::Restore { path } => serde_json::json!({"cmd": "restore", "path": path}),
         CtlAction::Quit => serde_json::json!({"cmd": "quit"}),
+        CtlAction::MigrateCancel => serde_json::json!({"cmd": "migrate_cancel"}),
+        CtlAction::MigrationStatus => serde_json::json!({"cmd": "migration_status"}),
+        CtlAction::MigrateStartPostcopy => serde_json::json!({"cmd": "migrate_start_postcopy"}),
+        CtlAction::MigrateSetParameters {
+            max_downtime,
+            bandwidth,
+            max_rounds,
+            auto_converge,
+        } => serde_json::json!({
+            "cmd": "migrate_set_parameters",
+            "max_downtime_ms": max_downtime,
+            "bandwidth": bandwidth,
+            "max_rounds": max_rounds,
+            "auto_converge": auto_converge,
+        }),
     };
     let resp = vmm::api::call(api_socket, &req)
         .map_err(|e| format!("control socket {}: {e}", api_socket.display()))?;
@@ -122,7 +200,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Receive(args) => receive::receive(args),
-        Command::Migrate(args) => migrate::migrate(args),
+        Command::Migrate(args) => migrate::migrate_cancelling_on_signal(args),
         Command::Demo(args) => migrate::demo(args),
         Command::Model(args) => model::model(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),

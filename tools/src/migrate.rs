@@ -76,6 +76,10 @@ pub struct MigrateArgs {
     /// How long the external policy may take to answer (e.g. 2s).
     #[arg(long, value_parser = parse_duration_ms, requires = "policy")]
     policy_deadline: Option<f64>,
+    /// Open post-copy's fault connection up front, so that `vmm ctl
+    /// migrate-start-postcopy` can switch a running pre-copy to post-copy.
+    #[arg(long)]
+    postcopy_ready: bool,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
@@ -145,8 +149,39 @@ fn round_extras(round: &Value) -> String {
     out
 }
 
+/// `vmm migrate` from the command line: SIGINT or SIGTERM cancels the
+/// migration it started (the source guest runs on) instead of leaving it
+/// to go on without anyone watching; a second signal exits at once.
+pub fn migrate_cancelling_on_signal(args: MigrateArgs) -> Result<(), String> {
+    let sock = args.api_socket.clone();
+    let signalled =
+        crate::signals::Termination::install_saying("cancelling the migration…", move |_| {
+            cancel_on_signal(&sock)
+        })
+        .map_err(|e| vmm::api::error_chain(&e))?;
+    migrate_unless(args, || signalled.received().is_some())
+}
+
+/// Asks the source to cancel; the progress loop prints the outcome.
+fn cancel_on_signal(sock: &std::path::Path) {
+    match call(sock, &json!({"cmd": "migrate_cancel"})) {
+        Ok(r) if r["ok"] == json!(true) => {}
+        Ok(r) => eprintln!(
+            "cannot cancel: {}",
+            r["error"].as_str().unwrap_or("refused")
+        ),
+        Err(e) => eprintln!("cannot cancel: control socket {}: {e}", sock.display()),
+    }
+}
+
 /// Asks a running vmm to migrate, shows progress, prints the report.
 pub fn migrate(args: MigrateArgs) -> Result<(), String> {
+    migrate_unless(args, || false)
+}
+
+/// [`migrate`], unless `interrupted` before the request is sent (a cancel
+/// sent before the migration began would find nothing to cancel).
+fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(), String> {
     check_policy_flags(&args)?;
     let req = json!({
         "cmd": "migrate",
@@ -167,8 +202,12 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         "skip_redirtied": args.skip_redirtied,
         "policy": args.policy,
         "policy_deadline_ms": args.policy_deadline.map(|ms| ms.ceil() as u64),
+        "postcopy_ready": args.postcopy_ready,
     });
     let sock = &args.api_socket;
+    if interrupted() {
+        return Err("interrupted before the migration started".into());
+    }
     let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
     if resp["ok"] != json!(true) {
         return Err(resp["error"]
@@ -187,6 +226,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     };
     shown.finish();
+    if status["state"] == json!("cancelled") {
+        return Err("migration cancelled before the switch-over: the guest keeps running on the source as before".into());
+    }
     if let Some(err) = status["failure"].as_str() {
         return Err(format!(
             "migration failed, the guest keeps running on the source: {err}"
@@ -475,6 +517,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             skip_redirtied: false,
             policy: None,
             policy_deadline: None,
+            postcopy_ready: false,
             json: args.json,
         })
     })();

@@ -31,6 +31,15 @@ impl Termination {
     /// after the first one is recorded. Call it before any other thread
     /// starts: a thread started earlier keeps its default handling.
     pub fn install(react: impl Fn(Signal) + Send + 'static) -> Result<Self, SignalError> {
+        Self::install_saying("shutting down", react)
+    }
+
+    /// Like [`Termination::install`], printing `doing` (what the first
+    /// signal does) beside the signal's name.
+    pub fn install_saying(
+        doing: &'static str,
+        react: impl Fn(Signal) + Send + 'static,
+    ) -> Result<Self, SignalError> {
         let mut set = SigSet::empty();
         set.add(Signal::SIGTERM);
         set.add(Signal::SIGINT);
@@ -39,7 +48,7 @@ impl Termination {
         let seen = received.clone();
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || watch(&set, &seen, react))
+            .spawn(move || watch(&set, &seen, doing, react))
             .map_err(SignalError::Thread)?;
         Ok(Self { received })
     }
@@ -50,13 +59,13 @@ impl Termination {
     }
 }
 
-fn watch(set: &SigSet, seen: &OnceLock<Signal>, react: impl Fn(Signal)) {
+fn watch(set: &SigSet, seen: &OnceLock<Signal>, doing: &str, react: impl Fn(Signal)) {
     while let Ok(sig) = set.wait() {
         if seen.set(sig).is_err() {
             eprintln!("second {sig}: exiting at once");
             std::process::exit(1);
         }
-        eprintln!("{sig}: shutting down");
+        eprintln!("{sig}: {doing}");
         react(sig);
     }
 }

@@ -88,6 +88,10 @@ pub struct MigrateRequest {
     /// How long the external policy may take per answer (default 2 s).
     #[serde(default)]
     pub policy_deadline_ms: Option<u64>,
+    /// Open post-copy's fault connection up front, so that
+    /// `migrate_start_postcopy` may switch to post-copy mid-pre-copy.
+    #[serde(default)]
+    pub postcopy_ready: bool,
 }
 
 /// A migration in progress or finished.
@@ -97,8 +101,74 @@ struct MigrationSlot {
     finished_at: Option<Instant>,
     fetched_at: Option<Instant>,
     progress: migration::source::ProgressHandle,
+    control: migration::ControlHandle,
     result: Option<Result<migration::Report, String>>,
+    /// The migration ended because it was cancelled.
+    cancelled: bool,
 }
+
+impl MigrationSlot {
+    /// `running`, `completed`, `cancelled`, `failed`, or `none`.
+    fn state(&self) -> &'static str {
+        match (&self.result, self.running) {
+            (_, true) => "running",
+            (Some(Ok(_)), _) => "completed",
+            (Some(Err(_)), _) if self.cancelled => "cancelled",
+            (Some(Err(_)), _) => "failed",
+            (None, false) => "none",
+        }
+    }
+}
+
+/// Parameters of a `migrate_set_parameters` request; absent ones stay.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetParametersRequest {
+    #[serde(default)]
+    pub max_downtime_ms: Option<f64>,
+    /// e.g. "1Gbit", or "none" to lift the cap.
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+}
+
+impl SetParametersRequest {
+    /// The change it asks for, validated.
+    fn change(&self) -> Result<migration::ParameterChange, String> {
+        let max_downtime = self.max_downtime_ms.map(downtime).transpose()?;
+        let bandwidth = match self.bandwidth.as_deref() {
+            None => None,
+            Some("none" | "unlimited") => Some(None),
+            Some(b) => Some(Some(migration::rate_limit::parse_bandwidth(b)?)),
+        };
+        if self.max_rounds == Some(0) {
+            return Err("max_rounds must be at least 1".into());
+        }
+        Ok(migration::ParameterChange {
+            max_downtime,
+            bandwidth,
+            max_rounds: self.max_rounds,
+            auto_converge: self.auto_converge,
+        })
+    }
+}
+
+/// A downtime limit in ms, validated.
+fn downtime(ms: f64) -> Result<Duration, String> {
+    if !(ms.is_finite() && ms >= 0.0) {
+        return Err(format!("bad max_downtime_ms {ms}"));
+    }
+    Ok(Duration::from_secs_f64(ms / 1e3))
+}
+
+/// The longest an `events` request waits for an event.
+const MAX_EVENTS_WAIT_MS: u64 = 10_000;
+
+/// How long `migrate_cancel` waits for the source guest to run as before.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 /// A request on the control socket.
 #[derive(Debug, Deserialize)]
@@ -122,6 +192,17 @@ pub enum Request {
     },
     Migrate(Box<MigrateRequest>),
     MigrationStatus,
+    MigrateCancel,
+    MigrateSetParameters(SetParametersRequest),
+    MigrateStartPostcopy,
+    /// The migration events after `after` (all kept ones without it),
+    /// waiting up to `wait_ms` for one to come.
+    Events {
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
     Quit,
 }
 
@@ -132,6 +213,8 @@ pub struct Controller {
     opts: RunOptions,
     quit: AtomicBool,
     migration: Mutex<MigrationSlot>,
+    /// Every migration's events, numbered across migrations.
+    events: Arc<migration::events::EventLog>,
     me: std::sync::Weak<Controller>,
 }
 
@@ -155,6 +238,7 @@ impl Controller {
             opts,
             quit: AtomicBool::new(false),
             migration: Mutex::new(MigrationSlot::default()),
+            events: Arc::default(),
             me: me.clone(),
         })
     }
@@ -246,6 +330,14 @@ impl Controller {
             }
             Request::Migrate(req) => return self.start_migration(*req),
             Request::MigrationStatus => return Ok(self.migration_status()),
+            Request::MigrateCancel => return self.cancel_migration(),
+            Request::MigrateSetParameters(req) => return self.set_parameters(&req),
+            Request::MigrateStartPostcopy => return self.start_postcopy(),
+            Request::Events { after, wait_ms } => {
+                let wait = Duration::from_millis(wait_ms.unwrap_or(0).min(MAX_EVENTS_WAIT_MS));
+                let events = self.events.after(after.unwrap_or(0), wait);
+                return Ok(json!({"events": events, "last": self.events.last_seq()}));
+            }
             Request::Quit => self.request_quit(),
         }
         Ok(json!({}))
@@ -271,29 +363,33 @@ impl Controller {
             .map_err(|e| error_chain(&e))?;
         *slot = MigrationSlot {
             running: true,
+            control: Arc::new(migration::Control::with_events(self.events.clone())),
             ..Default::default()
         };
         let progress = slot.progress.clone();
+        let control = slot.control.clone();
         drop(slot);
         let machine = self.machine();
         let me = self.self_ref();
         std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
-                let r = match policy.as_mut() {
-                    Some(p) => migration::migrate_with_policy(
-                        &*machine, &req.to, &secret, &opts, p, progress,
-                    ),
-                    None => migration::migrate(&*machine, &req.to, &secret, &opts, progress),
-                }
-                .map_err(|e| error_chain(&e));
+                let mut builtin = migration::policy::Builtin::new(&opts);
+                let chosen: &mut dyn migration::policy::Policy = match policy.as_mut() {
+                    Some(p) => p,
+                    None => &mut builtin,
+                };
+                let r = migration::migrate_controlled(
+                    &*machine, &req.to, &secret, &opts, chosen, progress, control,
+                );
                 // The external program is killed and reaped before the
                 // result is published.
                 drop(policy);
                 let mut slot = me.migration.lock().unwrap_or_else(|e| e.into_inner());
                 slot.running = false;
                 slot.finished_at = Some(Instant::now());
-                slot.result = Some(r);
+                slot.cancelled = r.as_ref().is_err_and(|e| e.is_cancelled());
+                slot.result = Some(r.map_err(|e| error_chain(&e)));
             })
             .map_err(|e| e.to_string())?;
         Ok(json!({"started": true}))
@@ -325,7 +421,68 @@ impl Controller {
             Some(Err(e)) => (None, Some(e.clone())),
             None => (None, None),
         };
-        json!({"running": slot.running, "progress": progress, "report": report, "failure": error})
+        json!({
+            "running": slot.running,
+            "state": slot.state(),
+            "cancellable": slot.running && slot.control.cancellable(),
+            "progress": progress,
+            "report": report,
+            "failure": error,
+        })
+    }
+
+    /// Cancels the running migration and waits (up to [`CANCEL_WAIT`])
+    /// until it ended and the source guest runs as before.
+    fn cancel_migration(&self) -> Result<Value, String> {
+        let control = {
+            let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+            if !slot.running {
+                return Err(format!("no migration is running (last: {})", slot.state()));
+            }
+            slot.control.clone()
+        };
+        control.cancel().map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + CANCEL_WAIT;
+        loop {
+            let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+            if !slot.running {
+                let error = slot.result.as_ref().and_then(|r| r.as_ref().err()).cloned();
+                return Ok(json!({"state": slot.state(), "failure": error}));
+            }
+            drop(slot);
+            if Instant::now() > deadline {
+                return Ok(json!({"state": "cancelling"}));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Switches the running pre-copy to post-copy at its next round end.
+    fn start_postcopy(&self) -> Result<Value, String> {
+        let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.running {
+            return Err(format!("no migration is running (last: {})", slot.state()));
+        }
+        slot.control.start_postcopy().map_err(|e| e.to_string())?;
+        Ok(json!({"applies_from": "the end of the current round"}))
+    }
+
+    /// Changes the limits of the running migration from its next round.
+    fn set_parameters(&self, req: &SetParametersRequest) -> Result<Value, String> {
+        let change = req.change()?;
+        let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.running {
+            return Err(format!("no migration is running (last: {})", slot.state()));
+        }
+        slot.control.set_parameters(change);
+        let c = slot.control.changes();
+        Ok(json!({
+            "applies_from": "the next round",
+            "max_downtime_ms": c.max_downtime.map(|d| d.as_secs_f64() * 1e3),
+            "bandwidth_bytes_s": c.bandwidth,
+            "max_rounds": c.max_rounds,
+            "auto_converge": c.auto_converge,
+        }))
     }
 
     fn self_ref(&self) -> Arc<Controller> {
@@ -457,13 +614,11 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         predict: req.predict,
         auto_converge: req.auto_converge,
         skip_redirtied: req.skip_redirtied,
+        postcopy_ready: req.postcopy_ready,
         ..Default::default()
     };
     if let Some(ms) = req.max_downtime_ms {
-        if !(ms.is_finite() && ms >= 0.0) {
-            return Err(format!("bad max_downtime_ms {ms}"));
-        }
-        o.max_downtime = Duration::from_secs_f64(ms / 1e3);
+        o.max_downtime = downtime(ms)?;
     }
     if let Some(r) = req.max_rounds {
         if r == 0 {

@@ -44,7 +44,7 @@ impl Builtin {
         Self {
             planning: planning(opts),
             threshold: opts.threshold,
-            auto_converge: opts.auto_converge.then(AutoConverge::default),
+            auto_converge: Some(AutoConverge::default()),
             skip_redirtied: opts.skip_redirtied,
         }
     }
@@ -126,10 +126,12 @@ impl Policy for Builtin {
                 throttle: Throttle::Unchanged,
             },
             (None, false) => AfterRound::Continue {
-                throttle: self
-                    .auto_converge
-                    .as_mut()
-                    .map_or(Throttle::Unchanged, |a| a.after_round(h)),
+                // The limits, not the options, say whether: set-parameters
+                // may switch auto-converge on or off mid-flight.
+                throttle: match &mut self.auto_converge {
+                    Some(a) if h.limits.auto_converge => a.after_round(h),
+                    _ => Throttle::Unchanged,
+                },
             },
         })
     }
@@ -222,7 +224,8 @@ mod tests {
             ..Default::default()
         });
         // 100 MiB sent per round; 60 MiB left dirty: a high round.
-        let high = history(Start::PreCopy, 1, 60 * MIB / PAGE as u64, 1e4);
+        let mut high = history(Start::PreCopy, 1, 60 * MIB / PAGE as u64, 1e4);
+        high.limits.auto_converge = true;
         assert_eq!(p.after_round(&high).unwrap(), GO_ON);
         let throttled = AfterRound::Continue {
             throttle: Throttle::Percent(20),
@@ -231,10 +234,13 @@ mod tests {
         // A downtime that fits stops, whatever the throttle.
         let fits = history(Start::PreCopy, 3, 60 * MIB / PAGE as u64, 1.0);
         assert_eq!(p.after_round(&fits).unwrap(), stop(StopRule::Downtime));
-        // Without auto-converge, the same rounds are never throttled.
+        // Without auto-converge (or once set-parameters switched it off),
+        // the same rounds are never throttled.
+        high.limits.auto_converge = false;
         let mut plain = Builtin::new(&Options::default());
         assert_eq!(plain.after_round(&high).unwrap(), GO_ON);
         assert_eq!(plain.after_round(&high).unwrap(), GO_ON);
+        assert_eq!(p.after_round(&high).unwrap(), GO_ON);
     }
 
     #[test]

@@ -229,6 +229,8 @@ pub enum StopRule {
     /// A rule of the policy's own (an external policy's, say "the dirty
     /// rate stopped falling"), none of the above.
     Policy,
+    /// The user asked for post-copy (`migrate_start_postcopy`).
+    Requested,
 }
 
 impl StopRule {
@@ -241,6 +243,7 @@ impl StopRule {
             StopRule::MaxRounds => "max_rounds",
             StopRule::MaxBytes => "max_bytes",
             StopRule::Policy => "policy",
+            StopRule::Requested => "requested",
         }
     }
 }

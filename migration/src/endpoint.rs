@@ -36,6 +36,13 @@ pub trait SourceVm: Sync {
     /// `(ram_offset, host_address, len)` of every guest RAM mapping (for
     /// access sampling with userfaultfd).
     fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError>;
+    /// RAM offsets of the pages the paused vCPUs will touch first when they
+    /// run again (their code, stacks, descriptor tables, page tables).
+    /// Post-copy sends them before the state, so that the guest resumes
+    /// without a fault. Called only while paused; by default none.
+    fn first_touched_ram(&self) -> Result<Vec<u64>, BoxError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The machine being built on the destination.

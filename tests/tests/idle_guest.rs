@@ -31,11 +31,13 @@ fn tick_rates(m: &dyn Fn() -> Value, window: Duration) -> Vec<f64> {
         .collect()
 }
 
-/// The timer of each vCPU runs at the rate it ran before (within 5 %, or
-/// one tick of the window for the slow ticks of idle vCPUs).
+/// The timer of each vCPU ticks at the rate it ticked before: within 10 %
+/// (a busy host may delay a vCPU thread past a 1 ms tick, and KVM then
+/// merges the ticks it missed), or one tick of the window for the slow
+/// ticks of idle vCPUs. The period itself is checked exactly in KVM.
 fn assert_same_rates(before: &[f64], after: &[f64], window: Duration) {
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
-        let slack = (b * 0.05).max(1.0 / window.as_secs_f64());
+        let slack = (b * 0.10).max(1.0 / window.as_secs_f64());
         assert!(
             (a - b).abs() <= slack,
             "vCPU {i}: timer at {a:.1} Hz after, {b:.1} Hz before"
@@ -48,10 +50,10 @@ fn assert_same_rates(before: &[f64], after: &[f64], window: Duration) {
 fn pause_all_halted(m: &VmmProcess) {
     for _ in 0..50 {
         m.call(json!({"cmd": "pause"}));
-        let states = m.state()["vcpu_run_states"].clone();
+        let states = m.state()["kvm_vcpus"].clone();
         let all = states
             .as_array()
-            .is_some_and(|s| s.iter().all(|v| v == "halted"));
+            .is_some_and(|s| s.iter().all(|v| v["mp_state"] == "halted"));
         if all {
             return;
         }
@@ -61,11 +63,20 @@ fn pause_all_halted(m: &VmmProcess) {
     panic!("the vCPUs of an idle guest were never all halted at once");
 }
 
-/// Signed `wake_error_ns` of each vCPU (None: it was not halted).
+/// Each vCPU's lateness at its first wake after the restore, less the time
+/// its thread waited for a CPU on this (possibly busy) host (None: it was
+/// not halted).
 fn wake_errors(state: &Value) -> Vec<Option<i64>> {
     state["heartbeats"]
         .as_array()
-        .map(|v| v.iter().map(|h| h["wake_error_ns"].as_i64()).collect())
+        .map(|v| {
+            v.iter()
+                .map(|h| {
+                    let queued = h["wake_run_delay_ns"].as_i64().unwrap_or(0);
+                    h["wake_error_ns"].as_i64().map(|e| e - queued)
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -90,6 +101,25 @@ fn assert_woke_on_time(errors: &[Option<i64>], at_least: usize) {
             );
         }
     }
+}
+
+/// Each vCPU's LAPIC timer (mode and period) as KVM holds it; pauses `m`
+/// for the look if it runs.
+fn kvm_timers(state: &dyn Fn() -> Value, pause: &dyn Fn(bool)) -> Vec<(String, u64)> {
+    pause(true);
+    let s = state();
+    pause(false);
+    s["kvm_vcpus"]
+        .as_array()
+        .expect("kvm_vcpus while paused")
+        .iter()
+        .map(|v| {
+            (
+                v["timer"].as_str().unwrap_or("?").to_string(),
+                v["timer_period_ns"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 fn assert_verifies(v: &Value, pages: u64) {
@@ -151,6 +181,7 @@ fn halted_guest_restored_in_another_process_wakes_on_time() {
     let window = Duration::from_secs(2);
     let before = tick_rates(&|| a.state(), window);
     pause_all_halted(&a);
+    let timers_before = kvm_timers(&|| a.state(), &|_| {});
     a.call(json!({"cmd": "save", "path": snap}));
     let (code, _, err) = a.quit();
     assert_eq!(code, 0, "source vmm failed: {err}");
@@ -166,6 +197,10 @@ fn halted_guest_restored_in_another_process_wakes_on_time() {
         .iter()
         .all(|d| *d == 0));
     assert_same_rates(&before, &tick_rates(&|| b.state(), window), window);
+    let pause_b = |p: bool| {
+        b.call(json!({"cmd": if p { "pause" } else { "resume" }}));
+    };
+    assert_eq!(kvm_timers(&|| b.state(), &pause_b), timers_before);
     assert_verifies(&b.call(json!({"cmd": "verify"})), 16 * 256);
     b.quit();
     let _ = std::fs::remove_dir_all(dir);
@@ -186,6 +221,11 @@ fn halted_guest_migrates(name: &str, mode: &str) {
     );
     let window = Duration::from_secs(2);
     let before = tick_rates(&|| ends.src.state(), window);
+    let pause_src = |p: bool| {
+        ends.src
+            .call(json!({"cmd": if p { "pause" } else { "resume" }}));
+    };
+    let timers_before = kvm_timers(&|| ends.src.state(), &pause_src);
     let (ok, report, err) = ends.migrate(&["--mode", mode, "--verify"]);
     assert!(ok, "migration failed: {err}\n{}", ends.dst.stderr_text());
     assert_eq!(report["mismatched_pages"], json!(0), "{report}");
@@ -197,6 +237,14 @@ fn halted_guest_migrates(name: &str, mode: &str) {
     assert_woke_on_time(&wake_errors(&state), 3);
     let after = tick_rates(&|| dst.call(json!({"cmd": "state"})), window);
     assert_same_rates(&before, &after, window);
+    let pause_dst = |p: bool| {
+        dst.call(json!({"cmd": if p { "pause" } else { "resume" }}));
+    };
+    assert_eq!(
+        kvm_timers(&|| dst.call(json!({"cmd": "state"})), &pause_dst),
+        timers_before,
+        "the LAPIC timers' modes and periods travelled"
+    );
     assert_verifies(&dst.call(json!({"cmd": "verify"})), 16 * 256);
     drop(dst);
     let _ = std::fs::remove_dir_all(dir);

@@ -577,7 +577,7 @@ pub fn state_json(m: &Machine) -> Result<Value, String> {
         "uptime_ms": m.uptime().as_millis() as u64,
         "config": m.config(),
         "vcpus": status,
-        "vcpu_run_states": m.vcpu_run_states(),
+        "kvm_vcpus": m.kvm_views(),
         "heartbeats": hb,
         "events": m.devices().probe.events(),
         "stop_reason": m.stop_reason().map(|r| format!("{r:?}")),

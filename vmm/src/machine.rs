@@ -16,7 +16,7 @@ use crate::devices::probe::now_ns;
 use crate::devices::serial::{self, ConsoleSink};
 use crate::devices::{lock, Devices, DevicesState, EventFdTrigger, Probe};
 use crate::vstate::memory::{GuestRam, MemoryError};
-use crate::vstate::vcpu::{msr_save_list, Vcpu, VcpuError, VcpuState};
+use crate::vstate::vcpu::{msr_save_list, KvmView, Vcpu, VcpuError, VcpuState};
 use crate::vstate::vcpu_thread::{install_kick_handler, StopReason, VcpuSet};
 use crate::vstate::vm::{open_kvm, Vm, VmError, VmState};
 
@@ -392,13 +392,11 @@ impl Machine {
     }
 
     /// Resumes every vCPU. The first resume after a restore also tells the
-    /// probe when each halted vCPU should wake: when its timer fires, or now
-    /// if it already fired while the vCPU waited to be resumed.
+    /// probe when each halted vCPU should wake: when its timer fires, or as
+    /// soon as its thread runs it if the timer fired before.
     pub fn resume(&self) {
         if let Some(fire_at) = lock(&self.timers_after_restore).take() {
-            let now = now_ns();
-            let wakes: Vec<_> = fire_at.iter().map(|t| t.map(|t| t.max(now))).collect();
-            self.devices.probe.expect_wakes(&wakes);
+            self.devices.probe.expect_wakes(&fire_at);
         }
         self.vcpus.resume();
     }
@@ -444,13 +442,33 @@ impl Machine {
         })
     }
 
-    /// Each vCPU's KVM run state (`running`, `halted`, ...), only while
+    /// What KVM holds for each vCPU (MP state, LAPIC timer), only while
     /// paused: a running vCPU thread holds its vCPU for the whole KVM_RUN.
-    pub fn vcpu_run_states(&self) -> Option<Vec<&'static str>> {
+    pub fn kvm_views(&self) -> Option<Vec<KvmView>> {
         if !self.is_paused() {
             return None;
         }
-        self.vcpus.with_each(|v| v.run_state()).ok()
+        self.vcpus.with_each(|v| v.kvm_view()).ok()
+    }
+
+    /// RAM offsets of the pages the paused vCPUs will touch first when they
+    /// run again (see `arch::first_touch`), for post-copy to send with the
+    /// state.
+    pub fn first_touched_ram(&self) -> Result<Vec<u64>, MachineError> {
+        if !self.is_paused() {
+            return Err(MachineError::NotPaused);
+        }
+        let ram = self.vm.ram();
+        let read = |gpa: u64| ram.read_u64(gpa).ok();
+        let views = self.vcpus.with_each(|v| v.first_touch_view())?;
+        let mut offsets: Vec<u64> = views
+            .iter()
+            .flat_map(|v| crate::arch::first_touch::pages(v, &read))
+            .filter_map(|gpa| ram.ram_offset_of(gpa))
+            .collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        Ok(offsets)
     }
 
     /// The guest's per-vCPU counters, from its status page.

@@ -62,6 +62,10 @@ impl SourceVm for Machine {
         Ok(serde_json::to_vec(&self.save_state()?)?)
     }
 
+    fn first_touched_ram(&self) -> Result<Vec<u64>, BoxError> {
+        Ok(Machine::first_touched_ram(self)?)
+    }
+
     fn ram_mappings(&self) -> Result<Vec<(u64, u64, u64)>, BoxError> {
         Ok(self.vm().ram().host_mappings())
     }

@@ -4,4 +4,5 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod first_touch;
 pub mod msr;

@@ -69,9 +69,25 @@ pub struct Heartbeats {
     #[serde(default)]
     pub expected_wake_ns: Option<u64>,
     /// First heartbeat after the restore minus `expected_wake_ns` (ns; < 0:
-    /// early): how well the timer's state travelled.
+    /// early): how well the timer's state travelled, plus whatever kept the
+    /// vCPU thread from running on a busy host (`wake_run_delay_ns`).
     #[serde(default)]
     pub wake_error_ns: Option<i64>,
+    /// Of `wake_error_ns`, the time the vCPU thread waited on the host's
+    /// run queue (runnable, no CPU free) since it first ran: the host
+    /// scheduler's share of the lateness, not the timer's.
+    #[serde(default)]
+    pub wake_run_delay_ns: Option<u64>,
+    /// The vCPU thread's run-queue wait when it first ran after the restore.
+    #[serde(skip)]
+    run_delay_at_first_run: Option<u64>,
+}
+
+/// Time the calling thread has spent runnable but waiting for a CPU, ns
+/// (`/proc/thread-self/schedstat`, second field; None without schedstats).
+fn thread_run_delay_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// An event a guest vCPU reported.
@@ -197,6 +213,11 @@ impl Probe {
                 hb.wake_error_ns = hb
                     .expected_wake_ns
                     .map(|expected| now as i64 - expected as i64);
+                // Heartbeats arrive on the vCPU's own thread.
+                hb.wake_run_delay_ns = hb
+                    .run_delay_at_first_run
+                    .zip(thread_run_delay_ns())
+                    .map(|(first, now)| now.saturating_sub(first));
                 hb.awaiting_first_after_restore = false;
             }
         }
@@ -215,6 +236,19 @@ impl Probe {
         for (hb, wake) in lock(&self.inner).heartbeats.iter_mut().zip(wake_at_ns) {
             hb.expected_wake_ns = *wake;
             hb.wake_error_ns = None;
+        }
+    }
+
+    /// vCPU `vcpu`'s thread enters KVM_RUN for the first time: a wake
+    /// expected earlier (its timer fired while it waited to be resumed, or
+    /// to be scheduled on a busy host) is expected now instead.
+    /// Called on the vCPU's own thread.
+    pub fn vcpu_runs(&self, vcpu: usize) {
+        let now = now_ns();
+        let run_delay = thread_run_delay_ns();
+        if let Some(hb) = lock(&self.inner).heartbeats.get_mut(vcpu) {
+            hb.expected_wake_ns = hb.expected_wake_ns.map(|t| t.max(now));
+            hb.run_delay_at_first_run = run_delay;
         }
     }
 

@@ -44,7 +44,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use crate::arch::{boot, cpuid, msr};
+use crate::arch::{boot, cpuid, first_touch, msr};
 
 /// Errors of vCPU set-up and state.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,19 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     pub vcpu_events: kvm_vcpu_events,
     pub tsc_khz: u32,
+}
+
+/// What KVM holds for a vCPU, as [`Vcpu::kvm_view`] shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KvmView {
+    /// `running` (runnable) or `halted` (executed HLT, waits for an
+    /// interrupt), or another of KVM's MP states by name.
+    pub mp_state: &'static str,
+    /// The LAPIC timer's mode: `periodic`, `one-shot`, `tsc-deadline` or
+    /// `masked`.
+    pub timer: &'static str,
+    /// Its period (initial count times the divider, at KVM's 1 GHz).
+    pub timer_period_ns: u64,
 }
 
 impl VcpuState {
@@ -238,17 +251,58 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(self.set_err("lapic"))
     }
 
-    /// What KVM_GET_MP_STATE says the vCPU is doing: `running` (runnable),
-    /// `halted` (executed HLT and waits for an interrupt), or another of
-    /// KVM's states by name. The vCPU must be out of KVM_RUN.
-    pub fn run_state(&self) -> Result<&'static str, VcpuError> {
+    /// What KVM says the vCPU is doing, for people and tests: its MP state
+    /// and its LAPIC timer. The vCPU must be out of KVM_RUN.
+    pub fn kvm_view(&self) -> Result<KvmView, VcpuError> {
+        const LVTT: usize = 0x320;
+        const TMICT: usize = 0x380;
+        const TDCR: usize = 0x3E0;
         let mp = self.fd.get_mp_state().map_err(self.get_err("mp_state"))?;
-        Ok(match mp.mp_state {
-            KVM_MP_STATE_RUNNABLE => "running",
-            KVM_MP_STATE_HALTED => "halted",
-            kvm_bindings::KVM_MP_STATE_UNINITIALIZED => "waiting for INIT/SIPI",
-            kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "INIT received",
-            _ => "other",
+        let lapic = self.fd.get_lapic().map_err(self.get_err("lapic"))?;
+        let reg = |off: usize| {
+            let b = &lapic.regs[off..off + 4];
+            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+        };
+        let (lvtt, tdcr) = (reg(LVTT), reg(TDCR));
+        let shift = (((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7;
+        Ok(KvmView {
+            mp_state: match mp.mp_state {
+                KVM_MP_STATE_RUNNABLE => "running",
+                KVM_MP_STATE_HALTED => "halted",
+                kvm_bindings::KVM_MP_STATE_UNINITIALIZED => "waiting for INIT/SIPI",
+                kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "INIT received",
+                _ => "other",
+            },
+            timer: match (lvtt >> 17) & 3 {
+                _ if lvtt & (1 << 16) != 0 => "masked",
+                0 => "one-shot",
+                1 => "periodic",
+                _ => "tsc-deadline",
+            },
+            timer_period_ns: u64::from(reg(TMICT)) << shift,
+        })
+    }
+
+    /// What the vCPU's registers say it will touch first when it runs
+    /// again (see `arch::first_touch`). The vCPU must be out of KVM_RUN.
+    pub fn first_touch_view(&self) -> Result<first_touch::VcpuView, VcpuError> {
+        const LVTT: usize = 0x320;
+        const LVT_MASKED: u32 = 1 << 16;
+        let regs = self.fd.get_regs().map_err(self.get_err("regs"))?;
+        let sregs = self.fd.get_sregs().map_err(self.get_err("sregs"))?;
+        let lapic = self.fd.get_lapic().map_err(self.get_err("lapic"))?;
+        let b = &lapic.regs[LVTT..LVTT + 4];
+        let lvtt = u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+        Ok(first_touch::VcpuView {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            rip: regs.rip,
+            rsp: regs.rsp,
+            idt_base: sregs.idt.base,
+            gdt_base: sregs.gdt.base,
+            tr_base: sregs.tr.base,
+            gs_base: sregs.gs.base,
+            timer_vector: (lvtt & LVT_MASKED == 0).then_some((lvtt & 0xFF) as u8),
         })
     }
 

@@ -424,6 +424,7 @@ fn vcpu_loop(shared: &Shared, index: usize) -> Option<StopReason> {
     }
     let mut consistent = true; // no half-done I/O instruction
     let mut kicked = false;
+    let mut first_run = true;
     loop {
         if consistent {
             if kicked {
@@ -433,6 +434,10 @@ fn vcpu_loop(shared: &Shared, index: usize) -> Option<StopReason> {
             if !wait_for_run(shared) {
                 return None;
             }
+        }
+        if std::mem::take(&mut first_run) {
+            // A restored vCPU cannot wake before its thread runs it.
+            shared.devices.probe.vcpu_runs(index);
         }
         let mut vcpu = lock(&shared.vcpus[index]);
         let idx = vcpu.index();

@@ -77,9 +77,14 @@ impl Secret {
         Ok(Self(s))
     }
 
-    /// A secret from bytes (tests).
+    /// A secret from bytes (tests, and TLS's exporter value).
     pub fn from_bytes(b: &[u8]) -> Self {
         Self(b.to_vec())
+    }
+
+    /// The secret's bytes (to derive keys from).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
     }
 
     fn mac(&self, role: &[u8], a: &[u8], b: &[u8]) -> [u8; MAC_LEN] {

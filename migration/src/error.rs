@@ -6,6 +6,7 @@ use crate::control::Cancelled;
 use crate::endpoint::BoxError;
 use crate::policy::PolicyError;
 use crate::protocol::{Abort, AbortCode, ProtocolError};
+use crate::secure::SecureError;
 use crate::state::IllegalTransition;
 use crate::transport::TransportError;
 
@@ -18,6 +19,8 @@ pub enum MigrationError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Secure(#[from] SecureError),
     #[error("VMM operation '{what}' failed")]
     Vm {
         what: &'static str,

@@ -36,6 +36,7 @@ pub mod protocol;
 pub mod rate_limit;
 pub mod receive;
 pub mod report;
+pub mod secure;
 pub mod sender;
 pub mod source;
 pub mod state;

@@ -19,8 +19,8 @@
 //! The destination ends post-copy when every needed page is present, then
 //! unregisters the userfaultfd and reports (`PostcopyComplete`).
 
+use crate::secure::SecureStream;
 use std::collections::HashMap;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +58,12 @@ pub struct SourceShared {
 }
 
 /// Serves demand requests on the fault connection until it closes.
-pub fn serve_faults<V: SourceVm>(vm: &V, stream: TcpStream, shared: &SourceShared, ram_pages: u64) {
+pub fn serve_faults<V: SourceVm>(
+    vm: &V,
+    stream: SecureStream,
+    shared: &SourceShared,
+    ram_pages: u64,
+) {
     prefer_latency();
     let mut r = &stream;
     let mut w = &stream;
@@ -266,7 +271,7 @@ pub struct Finished {
 pub struct PostcopyDestination {
     pub shared: Arc<DestShared>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    fault_conn: TcpStream,
+    fault_conn: SecureStream,
     pushed_pages: u64,
     pushed_bytes: u64,
     abandoned: bool,
@@ -291,7 +296,7 @@ impl PostcopyDestination {
     pub fn start<D: DestinationVm>(
         dst: &D,
         ram_pages: u64,
-        fault_conn: TcpStream,
+        fault_conn: SecureStream,
     ) -> Result<Self, MigrationError> {
         let uffd = Userfault::new().map_err(|e| vm_err("open userfaultfd")(e.into()))?;
         let mappings = dst.ram_mappings().map_err(vm_err("find RAM mappings"))?;
@@ -472,7 +477,7 @@ impl PostcopyDestination {
 }
 
 /// Reads userfaultfd events and asks the source for each missing page once.
-fn fault_loop(sh: &DestShared, mut conn: TcpStream) {
+fn fault_loop(sh: &DestShared, mut conn: SecureStream) {
     prefer_latency();
     // Faults before the switch-over told us which pages are still to come
     // wait here (nothing of ours should fault then, but be safe).
@@ -520,7 +525,7 @@ fn fault_loop(sh: &DestShared, mut conn: TcpStream) {
 }
 
 /// Installs the source's answers and records how long each fault waited.
-fn reply_loop(sh: &DestShared, conn: TcpStream, ram_pages: u64) {
+fn reply_loop(sh: &DestShared, conn: SecureStream, ram_pages: u64) {
     prefer_latency();
     let mut r = &conn;
     let mut payload = Vec::new();

@@ -9,10 +9,9 @@
 //! of turn (pages only before `State`, `Complete` only after it, ...).
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::Instant;
 
-use crate::auth::{self, Secret};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::{decode_batch, PageData, PAGE};
 use crate::endpoint::DestinationVm;
@@ -23,8 +22,9 @@ use crate::protocol::{
     self, malformed, read_frame, write_frame, Abort, AbortCode, Kind, ProtocolError,
 };
 use crate::report::{now_ns, PostcopyReport, PostcopyStats, ResumedInfo};
+use crate::secure::{self, Protection, SecureStream};
 use crate::state::DestinationPhase;
-use crate::{transport, verify};
+use crate::verify;
 
 /// What the destination saw.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -42,22 +42,22 @@ pub struct Received {
 /// its source, paused) and the source is told why.
 pub fn receive<D: DestinationVm>(
     listener: &TcpListener,
-    secret: &Secret,
+    protection: &Protection,
     dst: &mut D,
 ) -> Result<Received, MigrationError> {
-    let (stream, peer) = transport::accept(listener)?;
+    // The protection's handshake and the HMAC handshake inside it.
+    let (stream, peer) = secure::accept(listener, protection)?;
     // A small buffer: it saves syscalls on small frames, while most of a
     // page batch (larger than the buffer) is read straight into the frame
     // buffer instead of being copied through this one.
     let mut reader =
         BufReader::with_capacity(64 << 10, stream.try_clone().map_err(ProtocolError::Io)?);
     let mut writer = BufWriter::new(stream);
-    auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut writer), secret)?;
     tracing::info!("incoming migration from {peer}");
     dst.peer_authenticated(peer);
     let mut session = Session {
         listener,
-        secret,
+        protection,
         reader: &mut reader,
         writer: &mut writer,
         out: Received::default(),
@@ -74,39 +74,20 @@ pub fn receive<D: DestinationVm>(
     result
 }
 
-/// Joins a buffered reader and writer of one socket for the handshake.
-struct ReadWrite<'a, R, W>(&'a mut R, &'a mut W);
-
-impl<R: std::io::Read, W> std::io::Read for ReadWrite<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl<R, W: Write> Write for ReadWrite<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.1.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.1.flush()
-    }
-}
-
 struct Session<'a> {
     listener: &'a TcpListener,
-    secret: &'a Secret,
-    reader: &'a mut BufReader<TcpStream>,
-    writer: &'a mut BufWriter<TcpStream>,
+    protection: &'a Protection,
+    reader: &'a mut BufReader<SecureStream>,
+    writer: &'a mut BufWriter<SecureStream>,
     out: Received,
 }
 
 /// Accepts and authenticates the fault connection.
 fn accept_fault_channel(
     listener: &TcpListener,
-    secret: &Secret,
-) -> Result<TcpStream, MigrationError> {
-    let (mut s, _) = transport::accept(listener)?;
-    auth::authenticate_as_destination(&mut s, secret)?;
+    protection: &Protection,
+) -> Result<SecureStream, MigrationError> {
+    let (mut s, _) = secure::accept(listener, protection)?;
     read_frame(&mut s)?.expect(Kind::FaultChannel)?;
     Ok(s)
 }
@@ -227,7 +208,7 @@ impl Session<'_> {
             machine: cfg,
         } = protocol::decode_config(&config)?;
         let fault_conn = if postcopy {
-            Some(accept_fault_channel(self.listener, self.secret)?)
+            Some(accept_fault_channel(self.listener, self.protection)?)
         } else {
             None
         };

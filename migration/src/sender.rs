@@ -4,7 +4,6 @@
 //! Every phase of the source sends through it.
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -16,6 +15,7 @@ use crate::error::{vm_err, MigrationError};
 use crate::options::Options;
 use crate::protocol::{self, write_frame, Kind, ProtocolError};
 use crate::rate_limit::TokenBucket;
+use crate::secure::SecureStream;
 
 /// Live progress, for a progress bar.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -75,7 +75,7 @@ impl<W: Write> Write for Counting<W> {
 /// Sends pages: reads them from the source VM, encodes, rate-limits, writes.
 pub struct PageSender<'a, V: SourceVm> {
     pub vm: &'a V,
-    pub out: Counting<BufWriter<TcpStream>>,
+    pub out: Counting<BufWriter<SecureStream>>,
     pub enc: BatchEncoder,
     limiter: Option<TokenBucket>,
     pub progress: ProgressHandle,
@@ -88,7 +88,7 @@ pub struct PageSender<'a, V: SourceVm> {
 impl<'a, V: SourceVm> PageSender<'a, V> {
     pub fn new(
         vm: &'a V,
-        stream: TcpStream,
+        stream: SecureStream,
         opts: &Options,
         progress: ProgressHandle,
         control: ControlHandle,
@@ -187,8 +187,8 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         Ok(())
     }
 
-    /// The underlying socket (for reading the destination's answers).
-    pub fn stream(&self) -> &TcpStream {
+    /// The underlying stream (for reading the destination's answers).
+    pub fn stream(&self) -> &SecureStream {
         self.out.inner.get_ref()
     }
 }

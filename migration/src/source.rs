@@ -6,10 +6,8 @@
 //! resumed exactly as it was: it has lost nothing.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, Secret};
 use crate::codec::PAGE;
 use crate::control::{Control, ControlHandle};
 use crate::endpoint::SourceVm;
@@ -23,11 +21,12 @@ use crate::postcopy::SourceShared;
 use crate::precopy::PrecopyOutcome;
 use crate::protocol::{self, write_frame, Abort, AbortCode, Kind, ProtocolError};
 use crate::report::Report;
+use crate::secure::{self, Protection, SecureStream};
 use crate::sender::{set_progress, PageSender};
 /// The progress handle a caller passes to [`migrate`].
 pub use crate::sender::{Progress, ProgressHandle};
 use crate::state::{SourceEvent, SourcePhase};
-use crate::{access_rate, precopy, stop_and_copy, transport};
+use crate::{access_rate, precopy, stop_and_copy};
 
 /// Most runs in `Config`'s populated-memory hint (1 MiB of payload).
 const MAX_HINT_RUNS: usize = 1 << 16;
@@ -44,11 +43,18 @@ const RATE_SAMPLES: u64 = 4096;
 pub fn migrate<V: SourceVm>(
     vm: &V,
     addr: &str,
-    secret: &Secret,
+    protection: &Protection,
     opts: &Options,
     progress: ProgressHandle,
 ) -> Result<Report, MigrationError> {
-    migrate_with_policy(vm, addr, secret, opts, &mut Builtin::new(opts), progress)
+    migrate_with_policy(
+        vm,
+        addr,
+        protection,
+        opts,
+        &mut Builtin::new(opts),
+        progress,
+    )
 }
 
 /// Migrates `vm` live to `addr`, asking `policy` at every decision point
@@ -56,13 +62,13 @@ pub fn migrate<V: SourceVm>(
 pub fn migrate_with_policy<V: SourceVm>(
     vm: &V,
     addr: &str,
-    secret: &Secret,
+    protection: &Protection,
     opts: &Options,
     policy: &mut dyn Policy,
     progress: ProgressHandle,
 ) -> Result<Report, MigrationError> {
     let control = std::sync::Arc::new(Control::default());
-    migrate_controlled(vm, addr, secret, opts, policy, progress, control)
+    migrate_controlled(vm, addr, protection, opts, policy, progress, control)
 }
 
 /// Like [`migrate_with_policy`], steered through `control`: a cancel
@@ -72,13 +78,21 @@ pub fn migrate_with_policy<V: SourceVm>(
 pub fn migrate_controlled<V: SourceVm>(
     vm: &V,
     addr: &str,
-    secret: &Secret,
+    protection: &Protection,
     opts: &Options,
     policy: &mut dyn Policy,
     progress: ProgressHandle,
     control: ControlHandle,
 ) -> Result<Report, MigrationError> {
-    let r = run_migration(vm, addr, secret, opts, policy, progress, control.clone());
+    let r = run_migration(
+        vm,
+        addr,
+        protection,
+        opts,
+        policy,
+        progress,
+        control.clone(),
+    );
     control.emit(match &r {
         Ok(_) => EventKind::Completed,
         Err(e) if e.is_cancelled() => EventKind::Cancelled,
@@ -104,7 +118,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn run_migration<V: SourceVm>(
     vm: &V,
     addr: &str,
-    secret: &Secret,
+    protection: &Protection,
     opts: &Options,
     policy: &mut dyn Policy,
     progress: ProgressHandle,
@@ -116,8 +130,7 @@ fn run_migration<V: SourceVm>(
         p.ram_pages = vm.ram_size() / PAGE as u64;
     });
     let mut phase = SourcePhase::Handshake;
-    let mut stream = transport::connect(addr)?;
-    auth::authenticate_as_source(&mut stream, secret)?;
+    let mut stream = secure::connect(addr, protection)?;
     phase = phase.next(SourceEvent::Authenticated)?;
     let setup_view = SetupView {
         ram_bytes: vm.ram_size(),
@@ -127,7 +140,7 @@ fn run_migration<V: SourceVm>(
     let mut setup = policy.setup(&setup_view)?;
     // Asked up front, so that a running pre-copy may switch to post-copy.
     setup.may_postcopy |= opts.postcopy_ready;
-    let fault_conn = send_config(vm, &mut stream, addr, secret, setup)?;
+    let fault_conn = send_config(vm, &mut stream, addr, protection, setup)?;
     control.set_postcopy_prepared(fault_conn.is_some());
     let mut sender = PageSender::new(vm, stream, opts, progress, control);
     let plan = plan(&mut sender, policy, setup, setup_view)?;
@@ -220,11 +233,11 @@ fn populated_bytes<V: SourceVm>(vm: &V) -> Result<u64, MigrationError> {
 /// and waits until the destination is `Ready`.
 fn send_config<V: SourceVm>(
     vm: &V,
-    stream: &mut TcpStream,
+    stream: &mut SecureStream,
     addr: &str,
-    secret: &Secret,
+    protection: &Protection,
     setup: Setup,
-) -> Result<Option<TcpStream>, MigrationError> {
+) -> Result<Option<SecureStream>, MigrationError> {
     // Config first: it tells the destination whether a fault connection follows.
     let config = vm.config_blob().map_err(vm_err("read config"))?;
     // What round 0 will send, so that the destination may allocate it ahead.
@@ -238,8 +251,7 @@ fn send_config<V: SourceVm>(
     // Post-copy's demand requests get a connection of their own, so that a
     // faulting vCPU never waits behind bulk pages.
     let fault_conn = if setup.may_postcopy {
-        let mut f = transport::connect(addr)?;
-        auth::authenticate_as_source(&mut f, secret)?;
+        let mut f = secure::connect(addr, protection)?;
         write_frame(&mut f, Kind::FaultChannel, &[])?;
         f.set_read_timeout(None).map_err(ProtocolError::Io)?;
         Some(f)
@@ -320,7 +332,7 @@ fn calibrate<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<f64, MigrationErr
 }
 
 /// An `Abort` the destination sent, if one is waiting on the socket.
-fn peer_reason(stream: &TcpStream) -> Option<MigrationError> {
+fn peer_reason(stream: &SecureStream) -> Option<MigrationError> {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut r = stream;
     // Skip anything else the destination may have queued.

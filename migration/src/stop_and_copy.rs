@@ -267,7 +267,7 @@ fn send_checksums<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<f64, Migrati
 }
 
 /// Waits for `Resumed`; an `Abort` carries the destination's reason.
-fn read_resumed(stream: &std::net::TcpStream) -> Result<ResumedInfo, MigrationError> {
+fn read_resumed(stream: &crate::secure::SecureStream) -> Result<ResumedInfo, MigrationError> {
     let mut r = stream;
     let frame = read_frame(&mut r)?;
     let payload = match frame.expect(Kind::Resumed) {

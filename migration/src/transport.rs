@@ -36,6 +36,16 @@ pub fn parse(addr: &str) -> Result<Vec<SocketAddr>, TransportError> {
     Ok(addrs)
 }
 
+/// The host part of `tcp:HOST:PORT` (brackets of an IPv6 address removed),
+/// the name TLS checks the destination's certificate against.
+pub fn host_of(addr: &str) -> String {
+    let hostport = addr.strip_prefix("tcp:").unwrap_or(addr);
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
 fn tune(s: &TcpStream) {
     // Frames are written whole through a buffer; Nagle would only delay the
     // small control messages at the switch-over.

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use migration::auth::{authenticate_as_destination, Secret};
 use migration::protocol::{read_frame, write_frame, Abort, AbortCode, Kind, ProtocolError};
+use migration::secure::Protection;
 use migration::{BoxError, MigrationError, Options, SourceVm};
 
 const SECRET: &[u8] = b"0123456789abcdef";
@@ -77,7 +78,8 @@ fn migrate_to(
         dirty: Mutex::new(vec![0]),
         ..Default::default()
     };
-    let secret = Secret::from_bytes(SECRET);
+    // The fake destination speaks the protocol in the clear.
+    let secret = Protection::InsecurePlaintext(Secret::from_bytes(SECRET));
     let r = migration::migrate(&vm, &addr, &secret, &Options::default(), Default::default());
     peer.join().unwrap();
     (r, vm)
@@ -177,7 +179,7 @@ fn a_cancel_in_a_round_tells_the_destination_and_leaves_the_source_running() {
     let r = migration::migrate_controlled(
         &vm,
         &addr,
-        &Secret::from_bytes(SECRET),
+        &Protection::InsecurePlaintext(Secret::from_bytes(SECRET)),
         &opts,
         &mut migration::policy::Builtin::new(&opts),
         Default::default(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use migration::auth::Secret;
 use migration::codec::Compression;
+use migration::secure::Protection;
 use tests::{bench_migration, free_port};
 use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
 use vmm::migrate::Incoming;
@@ -145,7 +146,8 @@ fn round0_throughput() {
         std::thread::sleep(Duration::from_millis(20));
     }
     m.pause();
-    let secret = Secret::from_bytes(b"benchmark secret 0123456789");
+    // The engine against plain TCP: no cipher (see the `protection` bench).
+    let secret = Protection::InsecurePlaintext(Secret::from_bytes(b"benchmark secret 0123456789"));
     let run = |compression, prefault| {
         let port = free_port();
         let listener = migration::transport::listen(&format!("tcp:127.0.0.1:{port}")).unwrap();

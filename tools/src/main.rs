@@ -7,14 +7,16 @@
 //! vmm ctl --api-socket PATH pause|resume|state|verify|scan|quit|save FILE|restore FILE
 //! vmm ctl --api-socket PATH migrate-cancel|migration-status|migrate-start-postcopy|events|
 //!     migrate-set-parameters --max-downtime 50ms --bandwidth 1Gbit --max-rounds 5 --auto-converge true
-//! vmm receive --listen tcp:ADDR --secret FILE
+//! vmm receive --listen tcp:ADDR --secret FILE | --tls-cert F --tls-key F --tls-ca F
 //! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
+//! vmm gen-certs DIR [--host NAME ...]
 //! vmm demo
 //! vmm guests
 //! ```
 
 mod migrate;
 mod model;
+mod protection;
 mod receive;
 mod run;
 mod signals;
@@ -53,6 +55,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Boot a guest and migrate it live to a second process on loopback.
     Demo(migrate::DemoArgs),
+    /// Write a CA and certificates for both ends (TLS mode) into DIR.
+    GenCerts(protection::GenCertsArgs),
     /// Predict Tm and Td with seed 001's analytical model.
     Model(model::ModelArgs),
     /// List the embedded guests.
@@ -203,6 +207,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::migrate_cancelling_on_signal(args),
         Command::Demo(args) => migrate::demo(args),
         Command::Model(args) => model::model(args),
+        Command::GenCerts(args) => protection::gen_certs(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Guests => {
             for g in guest_images::GUESTS {

@@ -18,9 +18,8 @@ pub struct MigrateArgs {
     /// Destination: tcp:HOST:PORT.
     #[arg(long)]
     to: String,
-    /// File with the shared secret.
-    #[arg(long)]
-    secret: PathBuf,
+    #[command(flatten)]
+    protection: crate::protection::ProtectionArgs,
     /// Migration mode: pre, post, hybrid (pre-copy a share, post-copy the
     /// rest), or auto (measure r, w and μ; the model chooses).
     #[arg(long, default_value = "pre", value_parser = ["pre", "post", "hybrid", "auto"])]
@@ -183,10 +182,10 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
 /// sent before the migration began would find nothing to cancel).
 fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(), String> {
     check_policy_flags(&args)?;
-    let req = json!({
+    args.protection.warn();
+    let mut req = json!({
         "cmd": "migrate",
         "to": args.to,
-        "secret_file": args.secret,
         "max_downtime_ms": args.max_downtime,
         "max_rounds": args.max_rounds,
         "max_bytes": args.max_bytes,
@@ -204,6 +203,9 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "policy_deadline_ms": args.policy_deadline.map(|ms| ms.ceil() as u64),
         "postcopy_ready": args.postcopy_ready,
     });
+    for (k, v) in args.protection.to_json().as_object().into_iter().flatten() {
+        req[k] = v.clone();
+    }
     let sock = &args.api_socket;
     if interrupted() {
         return Err("interrupted before the migration started".into());
@@ -501,7 +503,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         migrate(MigrateArgs {
             api_socket: src_sock.clone(),
             to: addr.clone(),
-            secret: secret.clone(),
+            protection: crate::protection::ProtectionArgs::with_secret(secret.clone()),
             mode: "pre".into(),
             precopy: None,
             threshold: None,

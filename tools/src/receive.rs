@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use migration::DestinationVm;
@@ -31,9 +30,8 @@ pub struct ReceiveArgs {
     /// Where to wait for the source: tcp:HOST:PORT.
     #[arg(long)]
     listen: String,
-    /// File with the shared secret (at least 16 bytes).
-    #[arg(long)]
-    secret: PathBuf,
+    #[command(flatten)]
+    protection: crate::protection::ProtectionArgs,
     /// Pre-copy: allocate and touch the RAM the source announces before the
     /// first round, so that first-touch costs stay out of the page stream.
     #[arg(long)]
@@ -63,7 +61,8 @@ fn lock(stage: &SharedStage) -> std::sync::MutexGuard<'_, Stage> {
 
 /// Waits for one incoming migration, then runs the guest.
 pub fn receive(args: ReceiveArgs) -> Result<(), String> {
-    let secret = migration::auth::Secret::from_file(&args.secret).map_err(|e| error_chain(&e))?;
+    let protection = args.protection.protection()?;
+    args.protection.warn();
     let listener = migration::transport::listen(&args.listen).map_err(|e| error_chain(&e))?;
     let socket = bind_api_socket(&args.after)?;
     let stage: SharedStage = Arc::new(Mutex::new(Stage::Starting));
@@ -105,7 +104,7 @@ pub fn receive(args: ReceiveArgs) -> Result<(), String> {
             *lock(&peer_stage) = Stage::Receiving(peer);
             eprintln!("incoming migration from {peer}");
         });
-    let result = migration::receive::receive(&listener, &secret, &mut incoming);
+    let result = migration::receive::receive(&listener, &protection, &mut incoming);
     // Under the lock: the signal thread must not shut down a closed socket.
     *lock(&stage) = Stage::Done;
     drop(listener);

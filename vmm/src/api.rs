@@ -41,8 +41,19 @@ use crate::snapshot;
 pub struct MigrateRequest {
     /// `tcp:HOST:PORT` of the destination.
     pub to: String,
-    /// File holding the shared secret.
-    pub secret_file: PathBuf,
+    /// File holding the shared secret (PSK mode, or plaintext).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// TLS mode: this end's certificate, key and the CA (all three).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Plaintext with the shared-secret handshake (trusted links only).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
     #[serde(default)]
     pub max_downtime_ms: Option<f64>,
     #[serde(default)]
@@ -345,8 +356,7 @@ impl Controller {
 
     fn start_migration(&self, req: MigrateRequest) -> Result<Value, String> {
         let opts = migration_options(&req)?;
-        let secret =
-            migration::auth::Secret::from_file(&req.secret_file).map_err(|e| error_chain(&e))?;
+        let protection = protection(&req)?;
         let program = external_policy(&req)?;
         let mut slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
         if slot.running {
@@ -380,7 +390,13 @@ impl Controller {
                     None => &mut builtin,
                 };
                 let r = migration::migrate_controlled(
-                    &*machine, &req.to, &secret, &opts, chosen, progress, control,
+                    &*machine,
+                    &req.to,
+                    &protection,
+                    &opts,
+                    chosen,
+                    progress,
+                    control,
                 );
                 // The external program is killed and reaped before the
                 // result is published.
@@ -685,4 +701,18 @@ pub fn call(path: &Path, request: &Value) -> std::io::Result<Value> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// The stream protection a `migrate` request asks for.
+fn protection(req: &MigrateRequest) -> Result<migration::secure::Protection, String> {
+    let tls = match (&req.tls_cert, &req.tls_key, &req.tls_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => Some(migration::secure::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => return Err("TLS needs all three of tls_cert, tls_key and tls_ca".into()),
+    };
+    migration::secure::Protection::from_cli(req.secret_file.as_deref(), tls, req.insecure_plaintext)
 }

@@ -3,6 +3,7 @@
 //! The crate reads bottom-up; no module imports one above it:
 //! 1. the wire and the pages: [`protocol`] (framing, the message sequence
 //!    and both ends' state machines — read its rustdoc first), [`auth`],
+//!    [`secure`] (the protected stream: TLS, Noise or plaintext),
 //!    [`codec`], [`bitmap`], [`transport`], [`rate_limit`], [`uffd`];
 //! 2. the kit every phase shares: [`error`], [`options`], [`report`],
 //!    [`state`] (the state machines), [`policy`] (the decisions),

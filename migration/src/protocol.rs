@@ -1,5 +1,8 @@
 //! The migration wire protocol: framing and messages.
 //!
+//! Every connection first runs the handshake of its protection (TLS 1.3,
+//! Noise or none, see [`crate::secure`]); everything below travels inside it.
+//!
 //! # Message sequence (pre-copy)
 //! ```text
 //!  source                                         destination

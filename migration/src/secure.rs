@@ -80,9 +80,11 @@ pub enum SecureError {
     Broken,
     #[error("TLS record refused (modified, dropped, reordered or replayed data, or a TLS alert)")]
     Tls(#[source] rustls::Error),
-    #[error("Noise handshake failed: the peer does not hold the same shared secret")]
+    #[error(
+        "Authentication failed: the peer does not hold the same shared secret (Noise handshake)"
+    )]
     WrongPsk,
-    #[error("The peer closed the connection during the {0} handshake (does it use the same protection and credentials?)")]
+    #[error("Authentication failed: the peer closed the connection during the {0} handshake (wrong secret or certificate, or another protection mode?)")]
     HandshakeClosed(&'static str),
     #[error("TLS handshake failed")]
     TlsHandshake(#[source] io::Error),
@@ -218,8 +220,25 @@ pub fn connect(addr: &str, p: &Protection) -> Result<SecureStream, SecureError> 
         Protection::Psk(s) => (noise::initiate(tcp, s)?, s.clone()),
         Protection::InsecurePlaintext(s) => (SecureStream::plain(tcp)?, s.clone()),
     };
-    auth::authenticate_as_source(&mut &stream, &secret)?;
+    auth::authenticate_as_source(&mut &stream, &secret).map_err(|e| refused(e, p))?;
     Ok(stream)
+}
+
+/// A TLS client learns that the server refused its certificate only when
+/// its first write or read fails: say so rather than "broken pipe".
+fn refused(e: AuthError, p: &Protection) -> SecureError {
+    use crate::protocol::ProtocolError;
+    match (&e, p) {
+        (AuthError::Protocol(ProtocolError::Closed), Protection::Tls(_)) => {
+            SecureError::HandshakeClosed("TLS")
+        }
+        (AuthError::Protocol(ProtocolError::Io(io)), Protection::Tls(_))
+            if SecureError::of(io).is_none() =>
+        {
+            SecureError::HandshakeClosed("TLS")
+        }
+        _ => e.into(),
+    }
 }
 
 /// Accepts one connection on `l` and authenticates it as the destination.

@@ -377,6 +377,19 @@ impl Receiver {
         netns: Option<&str>,
         args: &[&str],
     ) -> Self {
+        let protection = ["--secret".to_string(), secret.display().to_string()];
+        Self::start_protected(dir, listen, &protection, netns, args)
+    }
+
+    /// Like [`Receiver::start_with`], protected by `protection` (e.g.
+    /// `--tls-cert F --tls-key F --tls-ca F`) instead of a secret file.
+    pub fn start_protected(
+        dir: &Path,
+        listen: &str,
+        protection: &[String],
+        netns: Option<&str>,
+        args: &[&str],
+    ) -> Self {
         let socket = dir.join(format!("dst-{}.sock", listen.replace([':', '.'], "_")));
         let addr = format!("tcp:{listen}");
         let mut cmd = match netns {
@@ -388,8 +401,8 @@ impl Receiver {
             None => Command::new(vmm_bin()),
         };
         let mut child = cmd
-            .args(["receive", "--listen", &addr, "--status-ms", "0", "--secret"])
-            .arg(secret)
+            .args(["receive", "--listen", &addr, "--status-ms", "0"])
+            .args(protection)
             .arg("--api-socket")
             .arg(&socket)
             .args(args)
@@ -498,11 +511,22 @@ pub fn migrate(
     secret: &Path,
     extra: &[&str],
 ) -> (bool, Value, String) {
+    let protection = ["--secret".to_string(), secret.display().to_string()];
+    migrate_protected(src_socket, to, &protection, extra)
+}
+
+/// Like [`migrate`], protected by `protection` instead of a secret file.
+pub fn migrate_protected(
+    src_socket: &Path,
+    to: &str,
+    protection: &[String],
+    extra: &[&str],
+) -> (bool, Value, String) {
     let out = Command::new(vmm_bin())
         .args(["migrate", "--json", "--api-socket"])
         .arg(src_socket)
-        .args(["--to", to, "--secret"])
-        .arg(secret)
+        .args(["--to", to])
+        .args(protection)
         .args(extra)
         .stdin(Stdio::null())
         .output()

@@ -8,7 +8,7 @@
 //!    certificate chain that ends at the CA it was given, and the source
 //!    also checks the destination's name against the host it dialled.
 //! 2. **Shared secret** (`--secret FILE`, the default, [`noise`]): Noise
-//!    `NNpsk0_25519_ChaChaPoly_BLAKE2s` through `snow`, its 32-byte PSK
+//!    `NNpsk0_25519_AESGCM_BLAKE2s` through `snow`, its 32-byte PSK
 //!    derived from the secret with HKDF-SHA256. Only a peer holding the
 //!    same secret completes the handshake; fresh ephemeral keys on both
 //!    sides give every connection its own transport keys.

@@ -23,8 +23,10 @@ use sha2::Sha256;
 use super::{Channel, Rx, SecureError, SecureStream, Tx};
 use crate::auth::Secret;
 
-/// The Noise protocol name (pattern, DH, cipher, hash).
-pub const PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// The Noise protocol name (pattern, DH, cipher, hash). AES-GCM rather
+/// than ChaCha20-Poly1305: with AES-NI (ring) it seals and opens 1450 MB/s
+/// per core here against 566 (see the `protection` bench).
+pub const PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 /// Bound into the handshake hash: a peer speaking anything else fails.
 const PROLOGUE: &[u8] = b"lmig noise v1";
 const PSK_SALT: &[u8] = b"lmig psk salt v1";

@@ -211,8 +211,11 @@ pub fn seal_open_rate(src: &TlsConfig, dst: &TlsConfig, total: usize) -> Result<
     let t = std::time::Instant::now();
     for _ in 0..total.div_ceil(plain.len()) {
         c.writer().write_all(&plain).map_err(SecureError::Io)?;
-        pass(&mut c, &mut s, &mut wire)?;
-        s.reader().read_exact(&mut back).map_err(SecureError::Io)?;
+        wire.clear();
+        while c.wants_write() {
+            c.write_tls(&mut wire).map_err(SecureError::Io)?;
+        }
+        deliver(&mut s, &wire, &mut back)?;
     }
     Ok((total.div_ceil(plain.len()) * plain.len()) as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
@@ -227,6 +230,23 @@ fn pass(a: &mut Connection, b: &mut Connection, wire: &mut Vec<u8>) -> Result<()
     while !rest.is_empty() {
         b.read_tls(&mut rest).map_err(SecureError::Io)?;
         b.process_new_packets().map_err(SecureError::Tls)?;
+    }
+    Ok(())
+}
+
+/// Feeds `wire` to `s` and reads the plaintext out as it comes (the
+/// session holds only a bounded amount of it).
+fn deliver(s: &mut Connection, wire: &[u8], back: &mut [u8]) -> Result<(), SecureError> {
+    let (mut rest, mut got) = (wire, 0);
+    while got < back.len() {
+        match s.reader().read(&mut back[got..]) {
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !rest.is_empty() => {
+                s.read_tls(&mut rest).map_err(SecureError::Io)?;
+                s.process_new_packets().map_err(SecureError::Tls)?;
+            }
+            Err(e) => return Err(SecureError::Io(e)),
+        }
     }
     Ok(())
 }

@@ -47,7 +47,7 @@ pub mod verify;
 pub use control::{Control, ControlHandle, ParameterChange};
 pub use endpoint::{BoxError, DestinationVm, SourceVm};
 pub use error::MigrationError;
-pub use options::{Mode, Options, Split};
+pub use options::{Mode, Options, Overrun, Split};
 pub use report::Report;
 pub use sender::{Progress, ProgressHandle};
 pub use source::{migrate, migrate_controlled, migrate_with_policy};

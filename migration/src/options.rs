@@ -36,6 +36,25 @@ pub enum Split {
     FromMeasuredRates,
 }
 
+/// What pre-copy does when a cap (`max_rounds`, `max_bytes`) ends it while
+/// the downtime it predicts is over the limit: a guest that dirties memory
+/// about as fast as the link carries it never meets the downtime rule, and
+/// silently stopping and copying then pauses it for as long as its whole
+/// working set takes to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overrun {
+    /// Fail the migration, the source guest running on as before, and say
+    /// what would help (the default: the limit is a promise).
+    #[default]
+    Fail,
+    /// Switch to post-copy instead: the downtime stays that of a post-copy
+    /// switch-over (the fault connection is opened up front for this).
+    PostCopy,
+    /// Stop and copy anyway, over the limit (the old behaviour; the report
+    /// and the terminal say so).
+    Accept,
+}
+
 /// Migration options.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -68,6 +87,8 @@ pub struct Options {
     /// plans, so that `migrate_start_postcopy` can switch a running
     /// pre-copy to post-copy.
     pub postcopy_ready: bool,
+    /// What to do when a cap ends pre-copy over the downtime limit.
+    pub overrun: Overrun,
 }
 
 impl Default for Options {
@@ -85,6 +106,7 @@ impl Default for Options {
             auto_converge: false,
             skip_redirtied: false,
             postcopy_ready: false,
+            overrun: Overrun::Fail,
         }
     }
 }

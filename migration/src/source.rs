@@ -22,7 +22,7 @@ use crate::policy::{
 use crate::postcopy::SourceShared;
 use crate::precopy::PrecopyOutcome;
 use crate::protocol::{self, write_frame, Abort, AbortCode, Kind, ProtocolError};
-use crate::report::Report;
+use crate::report::{DowntimeOverrun, Report};
 use crate::sender::{set_progress, PageSender};
 /// The progress handle a caller passes to [`migrate`].
 pub use crate::sender::{Progress, ProgressHandle};
@@ -180,6 +180,7 @@ fn run_migration<V: SourceVm>(
             report.prediction = plan.plan.prediction;
             // The limits in force at the end (set-parameters may change them).
             report.limits = history.limits.clone();
+            report.downtime_overrun = DowntimeOverrun::of(&report);
             Ok(report)
         }
         Err(e) if e.is_cancelled() => {

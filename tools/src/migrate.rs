@@ -80,6 +80,11 @@ pub struct MigrateArgs {
     /// migrate-start-postcopy` can switch a running pre-copy to post-copy.
     #[arg(long)]
     postcopy_ready: bool,
+    /// When max-rounds or max-bytes ends pre-copy with a predicted downtime
+    /// over --max-downtime: fail (the source runs on; the default),
+    /// postcopy (finish in post-copy) or accept (take the long pause).
+    #[arg(long, default_value = "fail", value_parser = ["fail", "postcopy", "accept"])]
+    on_overrun: String,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
@@ -108,6 +113,7 @@ fn check_policy_flags(args: &MigrateArgs) -> Result<(), String> {
         ("--threshold", args.threshold.is_some()),
         ("--auto-converge", args.auto_converge),
         ("--skip-redirtied", args.skip_redirtied),
+        ("--on-overrun", args.on_overrun != "fail"),
     ];
     match taken.iter().find(|(_, given)| *given) {
         Some((flag, _)) => Err(format!(
@@ -200,6 +206,7 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "predict": args.predict,
         "auto_converge": args.auto_converge,
         "skip_redirtied": args.skip_redirtied,
+        "on_overrun": args.on_overrun,
         "policy": args.policy,
         "policy_deadline_ms": args.policy_deadline.map(|ms| ms.ceil() as u64),
         "postcopy_ready": args.postcopy_ready,
@@ -374,6 +381,20 @@ pub fn print_report(r: &Value) {
             round_extras(round)
         );
     }
+    let o = &r["downtime_overrun"];
+    if o.is_object() {
+        println!(
+            "  WARNING: {} ended pre-copy with a predicted downtime of {:.0} ms, over the {:.0} ms limit: {}",
+            r["stop_rule"].as_str().unwrap_or("?"),
+            o["predicted_ms"].as_f64().unwrap_or(f64::NAN),
+            o["limit_ms"].as_f64().unwrap_or(f64::NAN),
+            if o["action"] == "post-copy" {
+                "switched to post-copy instead (--on-overrun postcopy)"
+            } else {
+                "stopped and copied anyway (--on-overrun accept)"
+            }
+        );
+    }
     if let Some(line) = round0_throughput(r) {
         println!("  {line}");
     }
@@ -515,6 +536,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             verify: true,
             auto_converge: false,
             skip_redirtied: false,
+            on_overrun: "fail".into(),
             policy: None,
             policy_deadline: None,
             postcopy_ready: false,

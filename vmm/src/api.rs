@@ -92,6 +92,10 @@ pub struct MigrateRequest {
     /// `migrate_start_postcopy` may switch to post-copy mid-pre-copy.
     #[serde(default)]
     pub postcopy_ready: bool,
+    /// When a cap ends pre-copy over the downtime limit: `fail` (default),
+    /// `postcopy` or `accept`.
+    #[serde(default)]
+    pub on_overrun: Option<String>,
 }
 
 /// A migration in progress or finished.
@@ -608,6 +612,20 @@ pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
     }))
 }
 
+fn overrun(s: Option<&str>) -> Result<migration::Overrun, String> {
+    Ok(match s {
+        None | Some("fail") => migration::Overrun::Fail,
+        Some("postcopy") => migration::Overrun::PostCopy,
+        Some("accept") => migration::Overrun::Accept,
+        Some(other) => {
+            return Err(format!(
+                "on_overrun '{}': expected fail, postcopy or accept",
+                other.escape_debug()
+            ))
+        }
+    })
+}
+
 fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {
     let mut o = migration::Options {
         verify: req.verify,
@@ -615,6 +633,7 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         auto_converge: req.auto_converge,
         skip_redirtied: req.skip_redirtied,
         postcopy_ready: req.postcopy_ready,
+        overrun: overrun(req.on_overrun.as_deref())?,
         ..Default::default()
     };
     if let Some(ms) = req.max_downtime_ms {

@@ -467,6 +467,10 @@ impl PostcopyDestination {
         // as zeros and silently corrupt the guest. Only stop our threads'
         // reading; faulting vCPUs stay asleep.
         self.shared.stop.store(true, Ordering::Release);
+        // And close the fault connection: our reply thread is blocked
+        // reading it, and a source that is merely unable to push (not dead)
+        // would otherwise keep serving it forever.
+        let _ = self.fault_conn.shutdown(std::net::Shutdown::Both);
         missing
     }
 }

@@ -197,9 +197,9 @@ pub fn line_plot(
         .flat_map(|s| s.model.iter().map(|p| p.1))
         .fold(0.0, f64::max);
     // The model may run off to infinity (pre-copy as w → μ): keep the
-    // measurement readable, and clip the model at twice its top.
+    // measurement readable, and clip the model at three times its top.
     let top = if measured_max > 0.0 {
-        measured_max.max(model_max.min(2.0 * measured_max))
+        measured_max.max(model_max.min(3.0 * measured_max))
     } else {
         model_max.max(1.0)
     };

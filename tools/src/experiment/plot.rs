@@ -42,6 +42,9 @@ fn model_figure(figure: &str, setup: &Setup) -> Option<f64> {
 /// A level as a number on an axis: numbers as they are, sizes in MiB,
 /// tbf links in Mbit/s.
 pub fn level_number(v: &Value) -> Option<f64> {
+    if let Some((value, _)) = super::spec::bundle(v) {
+        return level_number(value);
+    }
     if let Some(x) = v.as_f64() {
         return Some(x);
     }
@@ -62,6 +65,16 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> ExperimentError {
         msg: e.to_string(),
     }
 }
+
+/// Series colours that stay apart on white and in grey print.
+const SERIES_COLORS: [RGBColor; 6] = [
+    RGBColor(213, 62, 79),
+    RGBColor(50, 136, 189),
+    RGBColor(26, 152, 80),
+    RGBColor(153, 112, 171),
+    RGBColor(244, 109, 67),
+    RGBColor(90, 90, 90),
+];
 
 /// One measured series: (x, mean, min, max) per level of x.
 struct Series {
@@ -206,10 +219,11 @@ pub fn line_plot(
     let y1 = top * 1.1;
     let root = SVGBackend::new(path, (720, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
-    let title = format!("{}: {} against {}", spec.name, y_label, x_label);
+    let title = format!("{}: {}", spec.name, y_label);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, 0.0..y1)
@@ -227,7 +241,7 @@ pub fn line_plot(
         model_curves: 0,
     };
     for (i, s) in all.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = SERIES_COLORS[i % SERIES_COLORS.len()].to_rgba();
         draw_band(&mut chart, s, color).map_err(|e| plot_err(path, e))?;
         chart
             .draw_series(LineSeries::new(

@@ -165,10 +165,22 @@ pub fn short_key(key: &str) -> &str {
 
 /// A level as text: strings without their quotes.
 pub fn plain(v: &Value) -> String {
+    if let Some(value) = bundle(v).map(|(value, _)| value) {
+        return plain(value);
+    }
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// A level that sets several keys at once: `{ value = 256, set = {
+/// "guest.memory" = "256M", "migration.max_bytes" = "768M" } }` (seed 002's
+/// VMSIZE moves both the memory and the cap of 3 × VMSIZE). Its `value`
+/// names it in tables and places it on axes.
+pub fn bundle(level: &Value) -> Option<(&Value, &Map<String, Value>)> {
+    let m = level.as_object()?;
+    Some((m.get("value")?, m.get("set")?.as_object()?))
 }
 
 impl Spec {
@@ -205,6 +217,16 @@ impl Spec {
         for f in &self.factors {
             if f.levels.is_empty() {
                 return Err(self.invalid(&format!("factor {} has no levels", f.key)));
+            }
+            let bundles = f.levels.iter().filter(|l| bundle(l).is_some()).count();
+            let top = ["guest", "migration", "receive", "link", "model"];
+            let is_path =
+                f.key == "link" || top.iter().any(|t| f.key.starts_with(&format!("{t}.")));
+            if bundles != f.levels.len() && !is_path {
+                return Err(self.invalid(&format!(
+                    "factor {}: not a key of the setup (guest.…, migration.…, receive.…, link, model.…), and its levels are not all {{ value, set }} tables",
+                    f.key
+                )));
             }
         }
         let known = |k: &str| self.factor(k).is_some();
@@ -269,7 +291,14 @@ impl Spec {
             "model": self.model,
         });
         for (key, level) in &cell.levels {
-            set_path(&mut tree, key, level.clone());
+            match bundle(level) {
+                Some((_, set)) => {
+                    for (k, v) in set {
+                        set_path(&mut tree, k, v.clone());
+                    }
+                }
+                None => set_path(&mut tree, key, level.clone()),
+            }
         }
         tree
     }
@@ -353,5 +382,24 @@ mod tests {
         assert_eq!(tree["guest"]["workload"]["rate"], 4000);
         assert_eq!(tree["guest"]["workload"]["wset"], "16M");
         assert_eq!(tree["migration"]["mode"], "post");
+    }
+
+    #[test]
+    fn a_bundle_level_sets_several_keys() {
+        let text = r#"
+            [[factors]]
+            key = "VMSIZE"
+            levels = [{ value = 256, set = { "guest.memory" = "256M", "migration.max_bytes" = "768M" } }]
+        "#;
+        let spec: Spec = toml::from_str(text).unwrap();
+        spec.check().unwrap();
+        let cell = &spec.cells()[0];
+        assert_eq!(cell.describe(), "VMSIZE=256");
+        let tree = spec.setup_of(cell);
+        assert_eq!(tree["guest"]["memory"], "256M");
+        assert_eq!(tree["migration"]["max_bytes"], "768M");
+        let typo: Spec =
+            toml::from_str("[[factors]]\nkey = \"gest.memory\"\nlevels = [1]").unwrap();
+        assert!(typo.check().is_err());
     }
 }

@@ -160,6 +160,26 @@ fn lines_so_far(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// No `vmm` started for the experiment in `out` outlives it (its
+/// children die with it: PR_SET_PDEATHSIG).
+fn assert_no_process_left(out: &Path) {
+    let mark = out.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&mark))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left running: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn write_design(dir: &Path, text: &str) -> PathBuf {
     let file = dir.join("design.toml");
     std::fs::write(&file, text).unwrap();
@@ -182,6 +202,7 @@ fn an_experiment_runs_is_killed_and_resumes_without_redoing_runs() {
     wait_for_lines(&jsonl, 1, Duration::from_secs(60));
     first.kill().unwrap();
     first.wait().unwrap();
+    assert_no_process_left(&out);
     let before = lines(&jsonl);
     assert!(
         !before.is_empty() && before.len() < 8,
@@ -322,5 +343,34 @@ levels = ["pre", "post"]
         tm("tbf:100mbit") > tm("tbf:400mbit"),
         "the slower link was not slower"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_shipped_experiments_parse_and_list_their_runs() {
+    let dir = scratch("experiment-shipped");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+    for (file, runs) in [
+        ("seed001-fig2-3.toml", 54),
+        ("seed001-fig2-3-reduced.toml", 9),
+        ("seed002-table2.toml", 210),
+        ("seed002-table2-reduced.toml", 12),
+    ] {
+        let out = experiment(&shipped.join(file), &dir.join(file))
+            .arg("--dry-run")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file}: {err}");
+        assert!(
+            err.contains(&format!("0 runs recorded, {runs} to run")),
+            "{file}: {err}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            runs,
+            "{file}"
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

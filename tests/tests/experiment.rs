@@ -374,3 +374,46 @@ fn the_shipped_experiments_parse_and_list_their_runs() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn stopped_with_sigterm_it_ends_its_processes_and_removes_its_link() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("experiment-term");
+    let factors = r#"
+[[factors]]
+key = "migration.mode"
+levels = ["pre", "post"]
+"#;
+    let text = design("term", "tbf:200mbit", factors).replace("repetitions = 2", "repetitions = 3");
+    let file = write_design(&dir, &text);
+    let out = dir.join("out");
+    let jsonl = out.join("runs.jsonl");
+    let child = experiment(&file, &out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting vmm experiment");
+    wait_for_lines(&jsonl, 1, Duration::from_secs(60));
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    if err.contains("ip netns") || err.contains("tc ") {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{err}");
+        eprintln!("skipping: cannot build the test network here: {err}");
+        return;
+    }
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("stopped; the runs recorded stay in"), "{err}");
+    assert_no_process_left(&out);
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&netns.stdout).into_owned();
+    assert!(!left.contains("vmmexp"), "namespace left behind: {left}");
+    let recorded = lines(&jsonl).len();
+    assert!((1..6).contains(&recorded), "{recorded} runs recorded");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -58,6 +58,9 @@ pub struct ExperimentArgs {
     /// List the runs still to do, in order, and stop.
     #[arg(long)]
     dry_run: bool,
+    /// Render each SVG to PNG as well (with rsvg-convert, if installed).
+    #[arg(long)]
+    png: bool,
 }
 
 /// Arguments of `vmm plot`.
@@ -77,6 +80,9 @@ pub struct PlotArgs {
     /// One line per level of this factor.
     #[arg(long, requires = "x")]
     series: Option<String>,
+    /// Render each SVG to PNG as well (with rsvg-convert, if installed).
+    #[arg(long)]
+    png: bool,
 }
 
 fn out_dir(spec: &Spec, out: Option<PathBuf>) -> PathBuf {
@@ -123,12 +129,22 @@ fn run_experiment(args: ExperimentArgs) -> Result<(), ExperimentError> {
         }
         return Ok(());
     }
+    let stop = crate::signals::Termination::install_saying(
+        "stopping once the current run's processes are ended (run the same command to resume)",
+        |_| {},
+    )
+    .map_err(|e| ExperimentError::Invalid {
+        name: spec.name.clone(),
+        msg: e.to_string(),
+    })?;
+    let stopped = stop.clone();
     let runner = runner::Runner {
         vmm: std::env::current_exe().map_err(io_err("finding the vmm binary".into()))?,
         work: out.join("work"),
         net_id: net_id(&out),
         settle: Duration::from_millis(spec.settle_ms),
         timeout: Duration::from_secs(spec.timeout_s),
+        interrupted: Box::new(move || stopped.received().is_some()),
     };
     let mut progress = Progress::new(todo.len());
     for (cell, rep) in todo {
@@ -144,6 +160,12 @@ fn run_experiment(args: ExperimentArgs) -> Result<(), ExperimentError> {
         ));
         let started = Instant::now();
         let result = runner.run(&setup);
+        if stop.received().is_some() {
+            // The interrupted run is not recorded: it runs on resume.
+            progress.done();
+            eprintln!("stopped; the runs recorded stay in {}", jsonl.display());
+            return Ok(());
+        }
         let line = Line {
             experiment: spec.name.clone(),
             cell: cell.index,
@@ -166,7 +188,7 @@ fn run_experiment(args: ExperimentArgs) -> Result<(), ExperimentError> {
     }
     progress.done();
     let _ = std::fs::remove_dir_all(&runner.work);
-    write_outputs(&spec, &out, None)
+    write_outputs(&spec, &out, None, args.png)
 }
 
 /// A namespace id stable for one output directory, so that a resumed
@@ -190,11 +212,16 @@ pub fn plot(args: PlotArgs) -> Result<(), String> {
         series: args.series,
         model: true,
     });
-    write_outputs(&spec, &out, only).map_err(|e| e.to_string())
+    write_outputs(&spec, &out, only, args.png).map_err(|e| e.to_string())
 }
 
 /// The summary (CSV, Markdown) and the pictures, from `runs.jsonl`.
-fn write_outputs(spec: &Spec, out: &Path, only: Option<LinePlot>) -> Result<(), ExperimentError> {
+fn write_outputs(
+    spec: &Spec,
+    out: &Path,
+    only: Option<LinePlot>,
+    png: bool,
+) -> Result<(), ExperimentError> {
     let lines = summary::read_lines(&out.join("runs.jsonl"))?;
     let rows = summary::rows(spec, &lines);
     let write = |name: &str, text: String| {
@@ -217,6 +244,9 @@ fn write_outputs(spec: &Spec, out: &Path, only: Option<LinePlot>) -> Result<(), 
             d.points,
             d.model_curves
         );
+        if png {
+            render_png(&file);
+        }
     }
     for h in &heatmaps {
         let file = out.join(format!(
@@ -227,9 +257,29 @@ fn write_outputs(spec: &Spec, out: &Path, only: Option<LinePlot>) -> Result<(), 
         ));
         let n = plot::heat_map(spec, &lines, h, &file)?;
         eprintln!("drawn {}: {n} cells", file.display());
+        if png {
+            render_png(&file);
+        }
     }
     eprintln!("summary: {}", out.join("summary.md").display());
     Ok(())
+}
+
+/// Renders `svg` to a PNG beside it with rsvg-convert (librsvg2-bin):
+/// plotters' own bitmap backend would need the host's fonts, SVG leaves
+/// the text to the renderer. A missing tool is a warning, not a failure.
+fn render_png(svg: &Path) {
+    let png = svg.with_extension("png");
+    let done = std::process::Command::new("rsvg-convert")
+        .arg(svg)
+        .arg("-o")
+        .arg(&png)
+        .status();
+    match done {
+        Ok(st) if st.success() => eprintln!("rendered {}", png.display()),
+        Ok(st) => eprintln!("warning: rsvg-convert {} failed: {st}", svg.display()),
+        Err(e) => eprintln!("warning: no PNG: rsvg-convert (package librsvg2-bin): {e}"),
+    }
 }
 
 /// The declared line plots, or Tm and Td against each numeric factor,

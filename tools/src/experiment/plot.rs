@@ -335,12 +335,19 @@ pub fn heat_map(
         _ => return Err(plot_err(path, "heat map axes must be factors")),
     };
     let (label, scale) = figure_axis(&map.value);
-    let mut cells = Vec::new();
+    let (mut cells, mut failed) = (Vec::new(), Vec::new());
     for (i, xl) in xf.levels.iter().enumerate() {
         for (j, yl) in yf.levels.iter().enumerate() {
             let at = Map::from_iter([(xf.key.clone(), xl.clone()), (yf.key.clone(), yl.clone())]);
-            if let Some(s) = Stats::of(&values(lines, &at, &map.value, scale)) {
-                cells.push((i, j, s.mean));
+            match Stats::of(&values(lines, &at, &map.value, scale)) {
+                Some(s) => cells.push((i, j, s.mean)),
+                None if lines
+                    .iter()
+                    .any(|l| at.iter().all(|(k, v)| l.factors.get(k) == Some(v))) =>
+                {
+                    failed.push((i as u32, j as u32));
+                }
+                None => {}
             }
         }
     }
@@ -389,6 +396,24 @@ pub fn heat_map(
                 format!("{v:.1}"),
                 at,
                 ("sans-serif", 15).into_font().color(&color),
+            )
+        }))
+        .map_err(|e| plot_err(path, e))?;
+    // Cells whose every run failed: grey, and said so.
+    let grey = RGBColor(200, 200, 200);
+    chart
+        .draw_series(
+            failed.iter().map(|&(i, j)| {
+                Rectangle::new([(2 * i, 2 * j), (2 * i + 2, 2 * j + 2)], grey.filled())
+            }),
+        )
+        .map_err(|e| plot_err(path, e))?;
+    chart
+        .draw_series(failed.iter().map(|&(i, j)| {
+            Text::new(
+                "failed",
+                (2 * i + 1, 2 * j + 1),
+                ("sans-serif", 15).into_font(),
             )
         }))
         .map_err(|e| plot_err(path, e))?;

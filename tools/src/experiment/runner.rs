@@ -27,6 +27,9 @@ pub struct Runner {
     pub net_id: u32,
     pub settle: Duration,
     pub timeout: Duration,
+    /// Asked to stop (SIGINT, SIGTERM): every wait gives up, the guards
+    /// end the processes and the link goes.
+    pub interrupted: Box<dyn Fn() -> bool>,
 }
 
 /// A child process killed (and reaped) on drop.
@@ -58,8 +61,12 @@ impl Runner {
         run.extend(["--status-ms".into(), "0".into(), "--api-socket".into()]);
         run.push(src_sock.display().to_string());
         let _src = Guard(self.spawn(None, &run, "src")?);
-        wait_running(&src_sock, Duration::from_secs(60))?;
-        std::thread::sleep(self.settle);
+        self.wait_running(&src_sock, Duration::from_secs(60))?;
+        let settled = Instant::now() + self.settle;
+        while Instant::now() < settled {
+            self.check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let listen = match &net {
             Some(n) => format!("tcp:{}:7431", n.peer_ip),
             None => format!("tcp:127.0.0.1:{}", free_port()?),
@@ -128,6 +135,7 @@ impl Runner {
     fn wait_log(&self, name: &str, what: &str, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         while !self.log_text(&format!("{name}.err")).contains(what) {
+            self.check_interrupted()?;
             if Instant::now() > deadline {
                 return Err(format!(
                     "{name} never said '{what}': {}",
@@ -149,7 +157,10 @@ impl Runner {
                 Ok(None) if Instant::now() > deadline => {
                     return Err(format!("timed out after {} s", self.timeout.as_secs()));
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    self.check_interrupted()?;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 Err(e) => return Err(format!("waiting for vmm migrate: {e}")),
             }
         };
@@ -164,8 +175,12 @@ impl Runner {
     }
 }
 
-/// The last lines of a log that say something.
+/// What a log says went wrong: its last `error:` line, or else its last
+/// lines that say something.
 fn last_lines(text: &str) -> String {
+    if let Some(e) = text.lines().rev().find(|l| l.starts_with("error:")) {
+        return e.trim_start_matches("error:").trim().to_string();
+    }
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(3)..].join(" | ")
 }
@@ -177,21 +192,31 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("finding a free port: {e}"))
 }
 
-/// Waits until the source's control socket answers and every vCPU runs.
-fn wait_running(sock: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    let running = json!(guest_images::abi::phase::RUNNING);
-    loop {
-        if let Ok(s) = vmm::api::call(sock, &json!({"cmd": "state"})) {
-            let vcpus = s["vcpus"].as_array();
-            if vcpus.is_some_and(|v| !v.is_empty() && v.iter().all(|c| c["phase"] == running)) {
-                return Ok(());
+impl Runner {
+    fn check_interrupted(&self) -> Result<(), String> {
+        if (self.interrupted)() {
+            return Err("interrupted".into());
+        }
+        Ok(())
+    }
+
+    /// Waits until the source's control socket answers and every vCPU runs.
+    fn wait_running(&self, sock: &Path, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let running = json!(guest_images::abi::phase::RUNNING);
+        loop {
+            if let Ok(s) = vmm::api::call(sock, &json!({"cmd": "state"})) {
+                let vcpus = s["vcpus"].as_array();
+                if vcpus.is_some_and(|v| !v.is_empty() && v.iter().all(|c| c["phase"] == running)) {
+                    return Ok(());
+                }
             }
+            self.check_interrupted()?;
+            if Instant::now() > deadline {
+                return Err("the source guest never ran".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if Instant::now() > deadline {
-            return Err("the source guest never ran".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

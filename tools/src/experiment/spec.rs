@@ -385,6 +385,18 @@ mod tests {
     }
 
     #[test]
+    fn a_json_file_reads_as_a_toml_one_does() {
+        let path = std::env::temp_dir().join(format!("vmm-spec-{}.json", std::process::id()));
+        let json = r#"{"guest": {"workload": {"wset": "16M"}},
+            "factors": [{"key": "migration.mode", "levels": ["pre", "post"]}]}"#;
+        std::fs::write(&path, json).unwrap();
+        let spec = Spec::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(spec.name, path.file_stem().unwrap().to_string_lossy());
+        assert_eq!((spec.cells().len(), spec.repetitions), (2, 1));
+    }
+
+    #[test]
     fn a_bundle_level_sets_several_keys() {
         let text = r#"
             [[factors]]

@@ -10,9 +10,12 @@
 //! vmm receive --listen tcp:ADDR --secret FILE
 //! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
 //! vmm demo
+//! vmm experiment FILE [--out DIR] [--retry-failed] [--dry-run]
+//! vmm plot FILE [--out DIR] [--x KEY --y FIGURE [--series KEY]]
 //! vmm guests
 //! ```
 
+mod experiment;
 mod migrate;
 mod model;
 mod receive;
@@ -55,6 +58,11 @@ enum Command {
     Demo(migrate::DemoArgs),
     /// Predict Tm and Td with seed 001's analytical model.
     Model(model::ModelArgs),
+    /// Run a declared experiment (TOML or JSON): every cell with real
+    /// migrations, reports as JSON lines, a summary and pictures; resumable.
+    Experiment(experiment::ExperimentArgs),
+    /// Redraw an experiment's summary and pictures from its runs.
+    Plot(experiment::PlotArgs),
     /// List the embedded guests.
     Guests,
 }
@@ -203,6 +211,8 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::migrate_cancelling_on_signal(args),
         Command::Demo(args) => migrate::demo(args),
         Command::Model(args) => model::model(args),
+        Command::Experiment(args) => experiment::experiment(args),
+        Command::Plot(args) => experiment::plot(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Guests => {
             for g in guest_images::GUESTS {

@@ -68,6 +68,10 @@ pub struct Options {
     /// plans, so that `migrate_start_postcopy` can switch a running
     /// pre-copy to post-copy.
     pub postcopy_ready: bool,
+    /// The hard bound on the pause: before the destination confirms, a
+    /// pause longer than the downtime limit plus this aborts the migration
+    /// and resumes the source (see [`crate::pause_bound`]).
+    pub pause_margin: Duration,
 }
 
 impl Default for Options {
@@ -85,6 +89,7 @@ impl Default for Options {
             auto_converge: false,
             skip_redirtied: false,
             postcopy_ready: false,
+            pause_margin: crate::pause_bound::DEFAULT_MARGIN,
         }
     }
 }

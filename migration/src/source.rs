@@ -29,8 +29,9 @@ pub use crate::sender::{Progress, ProgressHandle};
 use crate::state::{SourceEvent, SourcePhase};
 use crate::{access_rate, precopy, stop_and_copy, transport};
 
-/// Most runs in `Config`'s populated-memory hint (1 MiB of payload).
-const MAX_HINT_RUNS: usize = 1 << 16;
+/// Most runs in `Config`'s populated-memory hint (1 MiB of payload): as
+/// many as the destination accepts.
+const MAX_HINT_RUNS: usize = protocol::MAX_CONFIG_RUNS;
 
 /// How long the guest's read and write rates are sampled before planning.
 const RATE_WINDOW: Duration = Duration::from_millis(1000);
@@ -146,7 +147,14 @@ fn run_migration<V: SourceVm>(
     let ram_pages = vm.ram_size() / PAGE as u64;
     let result = std::thread::scope(|scope| {
         let can_postcopy = fault_conn.is_some();
+        // The fault server reads without a timeout (the guest may not fault
+        // for a long while): it ends when this side closes the connection,
+        // once the main flow ended whichever way, so that a silent
+        // partition cannot hold the migration after the main connection
+        // timed out.
+        let mut fault_closer = None;
         if let Some(f) = fault_conn {
+            fault_closer = f.try_clone().ok();
             let shared = &shared;
             scope.spawn(move || crate::postcopy::serve_faults(vm, f, shared, ram_pages));
         }
@@ -169,6 +177,9 @@ fn run_migration<V: SourceVm>(
         }
         // Closing our side ends the destination's reply thread and our server.
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
+        if let Some(f) = fault_closer {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
         r
     });
     // Whatever happened, the guest's vCPUs get their full time back.
@@ -177,6 +188,9 @@ fn run_migration<V: SourceVm>(
     match result {
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+            // The destination's words: shown to the user, never raw.
+            report.guest_detail =
+                protocol::printable(&report.guest_detail, protocol::MAX_PEER_TEXT);
             report.prediction = plan.plan.prediction;
             // The limits in force at the end (set-parameters may change them).
             report.limits = history.limits.clone();
@@ -190,9 +204,14 @@ fn run_migration<V: SourceVm>(
             Err(e)
         }
         Err(e) => {
-            // A destination that gives up says why in an Abort frame before
-            // closing; our writes may have failed on the closed socket first.
-            let e = peer_reason(sender.stream()).unwrap_or(e);
+            // The pause bound shut the connection: that is why it failed.
+            // Otherwise a destination that gives up says why in an Abort
+            // frame before closing; our writes may have failed on the closed
+            // socket first.
+            let e = match sender.pause_overrun() {
+                Some(overrun) => overrun,
+                None => peer_reason(sender.stream()).unwrap_or(e),
+            };
             // Tell the destination (if it still listens), then give the guest
             // back its vCPUs: its memory and state were never changed.
             let abort = e.to_abort(AbortCode::SourceFailed);
@@ -228,7 +247,10 @@ fn send_config<V: SourceVm>(
     // Config first: it tells the destination whether a fault connection follows.
     let config = vm.config_blob().map_err(vm_err("read config"))?;
     // What round 0 will send, so that the destination may allocate it ahead.
-    let populated = precopy::coarsen(&precopy::populated_pages(vm)?, MAX_HINT_RUNS);
+    // Sorted: the destination refuses runs out of order.
+    let mut populated = precopy::populated_pages(vm)?;
+    populated.sort_unstable();
+    let populated = precopy::coarsen(&populated, MAX_HINT_RUNS);
     write_frame(
         stream,
         Kind::Config,

@@ -193,7 +193,20 @@ pub struct VmmProcess {
 impl VmmProcess {
     /// Starts `vmm run ARGS --api-socket SOCKET` and waits for the socket.
     pub fn start(socket: &Path, args: &[&str]) -> Self {
-        let child = Command::new(vmm_bin())
+        Self::spawn(Command::new(vmm_bin()), socket, args)
+    }
+
+    /// Like [`VmmProcess::start`], with the process's umask set to `umask`
+    /// (through the shell: it is inherited by `exec`).
+    pub fn start_with_umask(socket: &Path, args: &[&str], umask: &str) -> Self {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+            .arg(vmm_bin());
+        Self::spawn(sh, socket, args)
+    }
+
+    fn spawn(mut cmd: Command, socket: &Path, args: &[&str]) -> Self {
+        let child = cmd
             .arg("run")
             .args(args)
             .args(["--status-ms", "0", "--api-socket"])
@@ -327,10 +340,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a secret file and returns its path.
+/// Writes a secret file (mode 0600: `vmm` refuses a secret others may
+/// read) and returns its path.
 pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, secret).expect("secret file");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     p
 }
 

@@ -33,7 +33,13 @@ fn wrong_secret_is_refused_on_both_sides() {
     let src = source(&dir);
     let good = secret_file(&dir, "good", "the destination's secret 123");
     let bad = secret_file(&dir, "bad", "somebody else's secret 4567");
-    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &good, None);
+    let mut dst = Receiver::start_with(
+        &dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &good,
+        None,
+        &["--once"],
+    );
     let (ok, _, err) = migrate(&dir.join("src.sock"), &dst.addr, &bad, &[]);
     assert!(!ok);
     assert!(err.contains("Authentication failed"), "source error: {err}");
@@ -136,7 +142,7 @@ fn connection_cut_mid_stream() {
     let src = source(&dir);
     let secret = secret_file(&dir, "secret", "a secret for this test only");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut dst = Receiver::start(&dir, &listen, &secret, None);
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &["--once"]);
     let proxy = Proxy::start(&listen, Fault::CutAfter(8 << 20));
     let (ok, _, err) = migrate(
         &dir.join("src.sock"),
@@ -175,7 +181,8 @@ fn corrupted_frame_is_detected_by(name: &str, receiver_args: &[&str]) {
     let src = source(&dir);
     let secret = secret_file(&dir, "secret", "a secret for this test only");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, receiver_args);
+    let args = [receiver_args, &["--once"]].concat();
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &args);
     // One bit flipped 3 MB into the stream, inside some page's data.
     let proxy = Proxy::start(&listen, Fault::FlipAt(3 << 20));
     let (ok, _, err) = migrate(

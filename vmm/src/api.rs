@@ -47,6 +47,9 @@ pub struct MigrateRequest {
     pub max_downtime_ms: Option<f64>,
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// The hard bound on the pause over the downtime limit (ms).
+    #[serde(default)]
+    pub pause_margin_ms: Option<f64>,
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// e.g. "1Gbit".
@@ -288,8 +291,34 @@ impl Controller {
         }
     }
 
+    /// Why `req` may not run now, if it may not: `quit` and `restore` would
+    /// destroy the machine a migration is reading, and `save` would pause
+    /// it and write a second copy of a guest that is moving.
+    fn refusal(&self, req: &Request) -> Option<String> {
+        let what = match req {
+            Request::Quit => "quit",
+            Request::Restore { .. } => "restore",
+            Request::Save { .. } => "save",
+            _ => return None,
+        };
+        let running = self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running;
+        running.then(|| {
+            format!(
+                "{what} refused: a migration is running (cancel it with migrate-cancel, \
+                 or wait until it ends)"
+            )
+        })
+    }
+
     fn execute(&self, req: Request) -> Result<Value, String> {
         let chain = |e: &dyn std::error::Error| error_chain(e);
+        if let Some(why) = self.refusal(&req) {
+            return Err(why);
+        }
         match req {
             Request::Pause => self.with(|m| m.pause()),
             Request::Resume => self.with(|m| m.resume()),
@@ -619,6 +648,9 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
     };
     if let Some(ms) = req.max_downtime_ms {
         o.max_downtime = downtime(ms)?;
+    }
+    if let Some(ms) = req.pause_margin_ms {
+        o.pause_margin = downtime(ms).map_err(|_| format!("bad pause_margin_ms {ms}"))?;
     }
     if let Some(r) = req.max_rounds {
         if r == 0 {

@@ -321,3 +321,96 @@ fn a_readable_secret_is_refused_and_a_weak_one_warned_about() {
     dst.terminate();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A switch-over that cannot meet the downtime limit (one round, then the
+/// whole working set over a slow link): past the limit plus the margin the
+/// source aborts and resumes its guest, unharmed, and the receiver serves
+/// on.
+#[test]
+fn the_pause_is_bounded_before_the_destination_confirms() {
+    if !require_kvm() {
+        return;
+    }
+    let source = [
+        "--memory",
+        "128M",
+        "--workload",
+        "wset=16M,rate=5000,fill=100",
+    ];
+    let ends = Ends::start("pause-bound", &source, Duration::ZERO, &[]);
+    let t = Instant::now();
+    let (ok, _, err) = ends.migrate(&[
+        "--max-rounds",
+        "1",
+        "--bandwidth",
+        "40Mbit",
+        "--compression",
+        "none",
+        "--max-downtime",
+        "300ms",
+        "--pause-margin",
+        "700ms",
+    ]);
+    assert!(!ok, "a switch-over over its pause bound succeeded");
+    assert!(
+        err.contains("stayed paused longer") && err.contains("keeps running"),
+        "{err}"
+    );
+    // Round 0 (16 MiB at 5 MB/s) and the pause's one second, not the
+    // three more the last round would take.
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    tests::assert_source_unharmed(&ends.src);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = ends.dst.call(json!({"cmd": "migration_status"}));
+        if st["receiving"]["stage"] == json!("listening") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the receiver stopped serving: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ends.dst.stderr_text().contains("still listening"));
+}
+
+/// A client holding many idle control connections cannot make the VMM
+/// serve without bound: past the limit a connection is refused with the
+/// reason, and the slots come back when the clients leave.
+#[test]
+fn control_connections_are_bounded() {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixStream;
+    let dir = scratch("control-connections");
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    let held: Vec<_> = (0..vmm::api::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&dst.socket).unwrap())
+        .collect();
+    // Served in order: the last one held has its thread once it answers.
+    let mut last = &held[held.len() - 1];
+    writeln!(last, "{}", json!({"cmd": "migration_status"})).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(last).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    // One more is told why before it could even ask.
+    let extra = UnixStream::connect(&dst.socket).unwrap();
+    let mut refused = String::new();
+    std::io::BufReader::new(extra)
+        .read_line(&mut refused)
+        .unwrap();
+    assert!(
+        refused.contains("too many control connections"),
+        "{refused}"
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = || vmm::api::call(&dst.socket, &json!({"cmd": "migration_status"}));
+    while !status().is_ok_and(|r| r["ok"] == json!(true)) {
+        assert!(Instant::now() < deadline, "slots never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.terminate();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -17,7 +17,10 @@
 //!
 //! A request line longer than [`crate::control_socket::MAX_REQUEST_BYTES`] gets
 //! `{"ok":false,"error":"request longer than ..."}` and the connection is
-//! closed (the rest of the line is never read). The socket file itself is
+//! closed (the rest of the line is never read). At most
+//! [`MAX_CONNECTIONS`] connections are served at once (one more is refused
+//! with a reason); one idle for a minute is closed. `quit`, `restore` and
+//! `save` are refused while a migration runs. The socket file itself is
 //! made by [`crate::control_socket::bind`].
 //! `restore` replaces this process's machine with the one in the file and
 //! runs it. Errors come back as `{"ok":false,"error":"..."}`.
@@ -547,20 +550,57 @@ impl Responder for Controller {
     }
 }
 
+/// Most control connections served at once: a client that opens many
+/// cannot make the VMM start a thread for each.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// A connection that sends nothing this long is closed, freeing its slot
+/// (the longest request, an `events` wait, answers within 10 s).
+const IDLE_CONNECTION: Duration = Duration::from_secs(60);
+
 /// Serves `listener` (see [`crate::control_socket::bind`]) on a background
-/// thread, one thread per connection.
+/// thread, one thread per connection, at most [`MAX_CONNECTIONS`] at once:
+/// one more is answered with a refusal and closed.
 pub fn serve(listener: UnixListener, responder: Arc<dyn Responder>) -> std::io::Result<()> {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            for mut conn in listener.incoming().flatten() {
+                let Some(slot) = Slot::take(&active) else {
+                    let why = format!("too many control connections (at most {MAX_CONNECTIONS})");
+                    let _ = writeln!(conn, "{}", json!({"ok": false, "error": why}));
+                    continue;
+                };
+                let _ = conn.set_read_timeout(Some(IDLE_CONNECTION));
                 let responder = responder.clone();
+                // A thread that cannot start drops its closure, and the slot.
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(&*responder, conn));
+                    .spawn(move || {
+                        serve_connection(&*responder, conn);
+                        drop(slot);
+                    });
             }
         })?;
     Ok(())
+}
+
+/// One of the [`MAX_CONNECTIONS`] places, given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        let slot = Self(active.clone());
+        // Counted first, checked after: a refused one is given back on drop.
+        (active.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTIONS).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn serve_connection(responder: &dyn Responder, conn: UnixStream) {

@@ -140,6 +140,25 @@ impl<R: TimedRead> TimedRead for DeadlineReader<R> {
     }
 }
 
+/// The reading and writing halves of one socket joined, for a handshake
+/// that reads through a [`DeadlineReader`] and writes to the socket.
+pub struct Duplex<'a, R, W>(pub &'a mut R, pub &'a mut W);
+
+impl<R: Read, W> Read for Duplex<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R, W: io::Write> io::Write for Duplex<'_, R, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.1.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.1.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,15 @@
 //!
 //! The watchdog is disarmed when the destination confirms (today:
 //! `Resumed`); from then on the guest belongs to the destination and the
-//! source must never resume it on a timer.
+//! source must never resume it on a timer. Firing after `Complete` is safe
+//! as far as the destination fails to deliver `Resumed` (it then discards
+//! its copy); a `Resumed` already in flight when the bound fires is the
+//! switch-over's unknown-outcome case, which the commit protocol resolves
+//! (it must disarm the watchdog at its commit point).
+//!
+//! `--verify`'s checksums are not downtime the limit covers: the budget
+//! grows by twice the source's checksum time (the destination checks as
+//! much after `Complete`).
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,26 +33,38 @@ pub const DEFAULT_MARGIN: Duration = Duration::from_secs(3);
 /// Shuts the connection down if not disarmed within its budget.
 #[derive(Debug)]
 pub struct PauseWatchdog {
-    disarmed: Arc<(Mutex<bool>, Condvar)>,
+    state: Arc<(Mutex<Watch>, Condvar)>,
     fired: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the watchdog's thread waits on.
+#[derive(Debug)]
+struct Watch {
+    disarmed: bool,
+    deadline: Instant,
 }
 
 impl PauseWatchdog {
     /// Starts counting `budget` from now; on expiry `stream` is shut down
     /// and `fired` set (shared with whoever explains the failure).
     pub fn arm(stream: &TcpStream, budget: Duration, fired: Arc<AtomicBool>) -> Self {
-        let disarmed = Arc::new((Mutex::new(false), Condvar::new()));
+        let state = Arc::new((
+            Mutex::new(Watch {
+                disarmed: false,
+                deadline: Instant::now() + budget,
+            }),
+            Condvar::new(),
+        ));
         let stream = stream.try_clone();
-        let (d, f) = (disarmed.clone(), fired.clone());
-        let deadline = Instant::now() + budget;
+        let (st, f) = (state.clone(), fired.clone());
         let thread = std::thread::Builder::new()
             .name("pause-bound".into())
             .spawn(move || {
-                let (lock, cv) = &*d;
-                let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-                while !*done {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                let (lock, cv) = &*st;
+                let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !w.disarmed {
+                    let left = w.deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         f.store(true, Ordering::Release);
                         if let Ok(s) = &stream {
@@ -52,18 +72,26 @@ impl PauseWatchdog {
                         }
                         return;
                     }
-                    done = cv
-                        .wait_timeout(done, left)
+                    w = cv
+                        .wait_timeout(w, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
             })
             .ok();
         Self {
-            disarmed,
+            state,
             fired,
             thread,
         }
+    }
+
+    /// Grants `more` time: for work the downtime limit does not cover
+    /// (`--verify`'s checksums, which the report also counts apart).
+    pub fn extend(&self, more: Duration) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline += more;
+        cv.notify_all();
     }
 
     /// The destination confirmed in time: stop counting. Returns whether
@@ -74,8 +102,8 @@ impl PauseWatchdog {
     }
 
     fn stop(&mut self) {
-        let (lock, cv) = &*self.disarmed;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).disarmed = true;
         cv.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -104,7 +132,13 @@ mod tests {
         let fired = Arc::new(AtomicBool::new(false));
         let w = PauseWatchdog::arm(&c, Duration::from_secs(5), fired.clone());
         assert!(!w.disarm());
-        let _w = PauseWatchdog::arm(&c, Duration::from_millis(100), fired.clone());
+        let w = PauseWatchdog::arm(&c, Duration::from_millis(100), fired.clone());
+        w.extend(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            !fired.load(Ordering::Acquire),
+            "fired before its extended deadline"
+        );
         let t = Instant::now();
         // Blocked in a read the peer never answers: the watchdog ends it.
         let n = (&c).read(&mut [0u8; 8]).unwrap_or(0);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{self, Secret};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::{decode_batch, PageData, PAGE};
-use crate::deadline::DeadlineReader;
+use crate::deadline::{DeadlineReader, Duplex as ReadWrite};
 use crate::endpoint::DestinationVm;
 use crate::error::{vm_err, MigrationError};
 use crate::placement::{self, Placed};
@@ -133,24 +133,6 @@ pub fn receive_on<D: DestinationVm>(
         let _ = writer.flush();
     }
     result
-}
-
-/// Joins a buffered reader and writer of one socket for the handshake.
-struct ReadWrite<'a, R, W>(&'a mut R, &'a mut W);
-
-impl<R: std::io::Read, W> std::io::Read for ReadWrite<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl<R, W: Write> Write for ReadWrite<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.1.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.1.flush()
-    }
 }
 
 struct Session<'a> {

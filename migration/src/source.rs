@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{self, Secret};
 use crate::codec::PAGE;
 use crate::control::{Control, ControlHandle};
+use crate::deadline::{DeadlineReader, Duplex};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
 use crate::events::EventKind;
@@ -118,7 +119,7 @@ fn run_migration<V: SourceVm>(
     });
     let mut phase = SourcePhase::Handshake;
     let mut stream = transport::connect(addr)?;
-    auth::authenticate_as_source(&mut stream, secret)?;
+    handshake(&stream, secret)?;
     phase = phase.next(SourceEvent::Authenticated)?;
     let setup_view = SetupView {
         ram_bytes: vm.ram_size(),
@@ -225,6 +226,25 @@ fn run_migration<V: SourceVm>(
     }
 }
 
+/// How long a destination may take over the whole handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The handshake on a fresh connection, within [`HANDSHAKE_DEADLINE`] as a
+/// whole: a destination trickling its answers cannot hold the source.
+fn handshake(stream: &TcpStream, secret: &Secret) -> Result<(), MigrationError> {
+    let mut reader = DeadlineReader::new(
+        stream.try_clone().map_err(ProtocolError::Io)?,
+        transport::PEER_TIMEOUT,
+    );
+    reader.expect_within(HANDSHAKE_DEADLINE, "the handshake");
+    auth::authenticate_as_source(&mut Duplex(&mut reader, &mut &*stream), secret)?;
+    // The deadline shortened the socket's timeout: back to the usual one.
+    stream
+        .set_read_timeout(Some(transport::PEER_TIMEOUT))
+        .map_err(ProtocolError::Io)?;
+    Ok(())
+}
+
 /// Bytes of RAM the guest ever wrote.
 fn populated_bytes<V: SourceVm>(vm: &V) -> Result<u64, MigrationError> {
     Ok(vm
@@ -261,7 +281,7 @@ fn send_config<V: SourceVm>(
     // faulting vCPU never waits behind bulk pages.
     let fault_conn = if setup.may_postcopy {
         let mut f = transport::connect(addr)?;
-        auth::authenticate_as_source(&mut f, secret)?;
+        handshake(&f, secret)?;
         write_frame(&mut f, Kind::FaultChannel, &[])?;
         f.set_read_timeout(None).map_err(ProtocolError::Io)?;
         Some(f)

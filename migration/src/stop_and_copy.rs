@@ -12,7 +12,7 @@
 //!    outlasts the downtime limit by the margin fails it too
 //!    ([`crate::pause_bound`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
@@ -52,6 +52,7 @@ pub fn switch_over<V: SourceVm>(
 
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
+    watchdog.extend(Duration::from_secs_f64(2.0 * verify_src_ms / 1e3));
     s.send(Kind::Complete, &[])?;
     s.flush()?;
     set_progress(&s.progress, |p| {
@@ -118,6 +119,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
     let first_touched = send_first_touched(s, &mut needed)?;
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
+    watchdog.extend(Duration::from_secs_f64(2.0 * verify_src_ms / 1e3));
     let needed_runs: Vec<_> = needed.runs().collect();
     s.send(
         Kind::PostcopyBegin,

@@ -99,8 +99,8 @@ pub fn receive_on<D: DestinationVm>(
     limits: &Limits,
 ) -> Result<Received, MigrationError> {
     let raw = DeadlineReader::new(
-        stream.try_clone().map_err(ProtocolError::Io)?,
-        transport::PEER_TIMEOUT,
+        stream.try_clone().map_err(ProtocolError::from)?,
+        transport::peer_timeout(),
     );
     raw.expect_within(limits.handshake, "the handshake");
     // Nothing but the handshake's small frames before authentication: no
@@ -155,7 +155,9 @@ fn accept_fault_channel(
 ) -> Result<TcpStream, MigrationError> {
     let deadline = Instant::now() + limits.fault_connection;
     // Non-blocking, to give up at the deadline.
-    listener.set_nonblocking(true).map_err(ProtocolError::Io)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ProtocolError::from)?;
     let result = loop {
         match listener.accept() {
             Ok((s, peer)) => match fault_handshake(s, secret, limits) {
@@ -178,7 +180,9 @@ fn accept_fault_channel(
             Err(e) => break Err(transport::TransportError::Accept(e).into()),
         }
     };
-    listener.set_nonblocking(false).map_err(ProtocolError::Io)?;
+    listener
+        .set_nonblocking(false)
+        .map_err(ProtocolError::from)?;
     result
 }
 
@@ -189,11 +193,11 @@ fn fault_handshake(
     secret: &Secret,
     limits: &Limits,
 ) -> Result<TcpStream, MigrationError> {
-    s.set_nonblocking(false).map_err(ProtocolError::Io)?;
+    s.set_nonblocking(false).map_err(ProtocolError::from)?;
     transport::tune(&s);
     let mut reader = DeadlineReader::new(
-        s.try_clone().map_err(ProtocolError::Io)?,
-        transport::PEER_TIMEOUT,
+        s.try_clone().map_err(ProtocolError::from)?,
+        transport::peer_timeout(),
     );
     reader.expect_within(limits.handshake, "the fault connection's handshake");
     auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut &s), secret)?;
@@ -372,7 +376,7 @@ impl Session<'_> {
             None => None,
         };
         write_frame(self.writer, Kind::Ready, &[])?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         Ok(Prepared {
             ram_pages,
             postcopy,
@@ -414,7 +418,7 @@ impl Session<'_> {
             Kind::RoundAck,
             &protocol::encode_round_end(round),
         )?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 
@@ -523,7 +527,7 @@ impl Session<'_> {
         };
         let payload = serde_json::to_vec(&report).expect("report serializes");
         write_frame(self.writer, Kind::PostcopyComplete, &payload)?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         self.out.resumed = info;
         self.out.postcopy = Some(stats.stats);
         if mismatched_pages > 0 {
@@ -554,7 +558,7 @@ impl Session<'_> {
     fn send_resumed(&mut self, info: &ResumedInfo) -> Result<(), MigrationError> {
         let payload = serde_json::to_vec(info).expect("ResumedInfo serializes");
         write_frame(self.writer, Kind::Resumed, &payload)?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 }

@@ -207,7 +207,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         }
         // One writev for the whole frame: a full batch is larger than the
         // BufWriter's buffer, so it goes to the socket without a copy.
-        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::Io)?;
+        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::from)?;
         self.enc.clear();
         Ok(())
     }
@@ -223,7 +223,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
 
     /// Pushes everything buffered to the socket.
     pub fn flush(&mut self) -> Result<(), MigrationError> {
-        self.out.flush().map_err(ProtocolError::Io)?;
+        self.out.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 

@@ -233,15 +233,15 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// whole: a destination trickling its answers cannot hold the source.
 fn handshake(stream: &TcpStream, secret: &Secret) -> Result<(), MigrationError> {
     let mut reader = DeadlineReader::new(
-        stream.try_clone().map_err(ProtocolError::Io)?,
-        transport::PEER_TIMEOUT,
+        stream.try_clone().map_err(ProtocolError::from)?,
+        transport::peer_timeout(),
     );
     reader.expect_within(HANDSHAKE_DEADLINE, "the handshake");
     auth::authenticate_as_source(&mut Duplex(&mut reader, &mut &*stream), secret)?;
     // The deadline shortened the socket's timeout: back to the usual one.
     stream
-        .set_read_timeout(Some(transport::PEER_TIMEOUT))
-        .map_err(ProtocolError::Io)?;
+        .set_read_timeout(Some(transport::peer_timeout()))
+        .map_err(ProtocolError::from)?;
     Ok(())
 }
 
@@ -276,14 +276,14 @@ fn send_config<V: SourceVm>(
         Kind::Config,
         &protocol::encode_config(vm.ram_size(), setup.may_postcopy, &populated, &config),
     )?;
-    stream.flush().map_err(ProtocolError::Io)?;
+    stream.flush().map_err(ProtocolError::from)?;
     // Post-copy's demand requests get a connection of their own, so that a
     // faulting vCPU never waits behind bulk pages.
     let fault_conn = if setup.may_postcopy {
         let mut f = transport::connect(addr)?;
         handshake(&f, secret)?;
         write_frame(&mut f, Kind::FaultChannel, &[])?;
-        f.set_read_timeout(None).map_err(ProtocolError::Io)?;
+        f.set_read_timeout(None).map_err(ProtocolError::from)?;
         Some(f)
     } else {
         None

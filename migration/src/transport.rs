@@ -5,6 +5,19 @@ use std::time::Duration;
 
 /// How long a silent peer is tolerated before the migration fails.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`PEER_TIMEOUT`], or `VMM_PEER_TIMEOUT_MS` from the environment (read
+/// once): tests of a silent peer need not wait half a minute.
+pub fn peer_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("VMM_PEER_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&ms| ms > 0)
+            .map_or(PEER_TIMEOUT, Duration::from_millis)
+    })
+}
 /// Keepalive: first probe after this much idleness, then one every
 /// `KEEPALIVE_INTERVAL`, `KEEPALIVE_PROBES` unanswered ones end the
 /// connection (about 30 s after the peer vanished), idle or not.
@@ -50,8 +63,8 @@ pub(crate) fn tune(s: &TcpStream) {
     // Frames are written whole through a buffer; Nagle would only delay the
     // small control messages at the switch-over.
     let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(PEER_TIMEOUT));
-    let _ = s.set_write_timeout(Some(PEER_TIMEOUT));
+    let _ = s.set_read_timeout(Some(peer_timeout()));
+    let _ = s.set_write_timeout(Some(peer_timeout()));
     keepalive(s);
 }
 

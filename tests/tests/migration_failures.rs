@@ -205,3 +205,52 @@ fn corrupted_frame_is_detected_by(name: &str, receiver_args: &[&str]) {
     assert_source_unharmed(&src);
     src.quit();
 }
+
+/// A silent partition during post-copy (packets stop, sockets stay open,
+/// the fault connection's too): `vmm migrate` ends with a clear error in
+/// bounded time instead of hanging on the fault connection, and the
+/// destination gives up on its own deadline.
+#[test]
+fn silent_partition_during_post_copy_ends_in_bounded_time() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("silent-partition");
+    // Sockets give up after 2 s of silence instead of 30.
+    let src = VmmProcess::start_with_env(
+        &dir.join("src.sock"),
+        &["--memory", "256M", "--workload", WORKLOAD],
+        &[("VMM_PEER_TIMEOUT_MS", "2000")],
+    );
+    src.wait_running(Duration::from_secs(60));
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--once", "--frame-timeout", "2s"];
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &args);
+    // 64 MiB pushed at 100 Mbit/s: the stall comes 16 MiB into the push.
+    let proxy = Proxy::start(&listen, Fault::StallAfter(16 << 20));
+    let t = std::time::Instant::now();
+    let (ok, _, err) = migrate(
+        &dir.join("src.sock"),
+        &proxy.addr,
+        &secret,
+        &[
+            "--mode",
+            "post",
+            "--bandwidth",
+            "100Mbit",
+            "--compression",
+            "none",
+        ],
+    );
+    assert!(!ok, "a migration over a partitioned link succeeded");
+    assert!(err.contains("went silent"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // The destination paused what it has and names the missing pages.
+    assert_eq!(dst.wait_exit(Duration::from_secs(20)), Some(3));
+    assert!(
+        dst.stderr_text().contains("never arrived"),
+        "{}",
+        dst.stderr_text()
+    );
+}

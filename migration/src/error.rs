@@ -1,6 +1,8 @@
 //! The errors of a migration, shared by both ends and every phase, and how
 //! each one is told to the peer as a typed [`Abort`].
 
+use std::time::Duration;
+
 use crate::auth::AuthError;
 use crate::control::Cancelled;
 use crate::endpoint::BoxError;
@@ -30,6 +32,12 @@ pub enum MigrationError {
     State(#[from] IllegalTransition),
     #[error(transparent)]
     Cancelled(#[from] Cancelled),
+    #[error(
+        "The source stayed paused longer than the downtime limit ({limit:?}) plus the margin \
+         ({margin:?}) without the destination's confirmation: the migration was aborted and \
+         the source guest resumed"
+    )]
+    PauseExceeded { limit: Duration, margin: Duration },
     #[error("Verification failed: {0} pages differ between source and destination")]
     Mismatch(u64),
     #[error("The guest's own verification failed on the destination: {0}")]

@@ -89,6 +89,10 @@ pub struct Options {
     pub postcopy_ready: bool,
     /// What to do when a cap ends pre-copy over the downtime limit.
     pub overrun: Overrun,
+    /// The hard bound on the pause: before the destination confirms, a
+    /// pause longer than the downtime limit plus this aborts the migration
+    /// and resumes the source (see [`crate::pause_bound`]).
+    pub pause_margin: Duration,
 }
 
 impl Default for Options {
@@ -107,6 +111,7 @@ impl Default for Options {
             skip_redirtied: false,
             postcopy_ready: false,
             overrun: Overrun::Fail,
+            pause_margin: crate::pause_bound::DEFAULT_MARGIN,
         }
     }
 }

@@ -162,7 +162,7 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], frame_len: usize) -> Result<(),
     }
     r.read_exact(buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
-        _ => ProtocolError::Io(e),
+        _ => e.into(),
     })
 }
 
@@ -184,7 +184,7 @@ fn read_vectored_exact(
             Ok(0) => return Err(ProtocolError::Closed),
             Ok(k) => IoSliceMut::advance_slices(&mut bufs, k),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ProtocolError::Io(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

@@ -90,18 +90,30 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Header size.
 pub const HEADER_LEN: usize = 16;
+/// Largest payload accepted before the peer is authenticated: the
+/// handshake's frames (and an `Abort` with its capped detail) fit, and an
+/// unauthenticated peer cannot make us allocate more than this.
+pub const PRE_AUTH_MAX_PAYLOAD: u32 = 4 << 10;
+/// Most page runs a `Config` may announce (the source coarsens its hint
+/// to this many): each run is prefaulted, so their number bounds the
+/// destination's work before `Ready`.
+pub const MAX_CONFIG_RUNS: usize = 1 << 16;
+/// Longest text from a peer shown in an error or a log line.
+pub const MAX_PEER_TEXT: usize = 1024;
 
 /// Errors of the wire protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("Connection failed")]
-    Io(#[from] io::Error),
+    Io(#[source] io::Error),
+    #[error("The peer went silent: {0}")]
+    TimedOut(#[source] io::Error),
     #[error("Peer closed the connection")]
     Closed,
     #[error("Bad frame magic {0:#x}: the peer is not a migration endpoint")]
     BadMagic(u32),
-    #[error("Frame length {0} exceeds the limit of {MAX_PAYLOAD}")]
-    TooLong(u32),
+    #[error("Frame length {0} exceeds the limit of {1}")]
+    TooLong(u32, u32),
     #[error("Frame CRC mismatch (kind {kind}): the stream is corrupt")]
     BadCrc { kind: u8 },
     #[error("Unknown frame kind {0}")]
@@ -117,13 +129,45 @@ pub enum ProtocolError {
     PeerAborted(Abort),
     #[error("Peer speaks protocol version {0}, this side {VERSION}")]
     Version(u32),
+    #[error("{what} did not arrive within {after:?}")]
+    Deadline {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+}
+
+impl From<io::Error> for ProtocolError {
+    /// A socket timeout is the peer's silence, not a broken connection:
+    /// named so that the user sees why a migration ended.
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::TimedOut(e),
+            _ => Self::Io(e),
+        }
+    }
+}
+
+/// `text` from a peer made safe to print: control characters (escape
+/// sequences, newlines that would fake log lines) become `?`, and the text
+/// is cut to `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push_str("[...]");
+    }
+    out
 }
 
 /// Builds a `Malformed` error.
 pub fn malformed(what: &'static str, detail: impl Into<String>) -> ProtocolError {
+    // Details may quote the peer (a JSON error quotes its input).
     ProtocolError::Malformed {
         what,
-        detail: detail.into(),
+        detail: printable(&detail.into(), MAX_PEER_TEXT),
     }
 }
 
@@ -274,7 +318,7 @@ pub fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()>
 pub fn frame_header(kind: Kind, parts: &[&[u8]]) -> Result<[u8; HEADER_LEN], ProtocolError> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > MAX_PAYLOAD as usize {
-        return Err(ProtocolError::TooLong(len as u32));
+        return Err(ProtocolError::TooLong(len as u32, MAX_PAYLOAD));
     }
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind as u8]);
@@ -292,9 +336,19 @@ pub fn frame_header(kind: Kind, parts: &[&[u8]]) -> Result<[u8; HEADER_LEN], Pro
 
 /// Reads and checks one frame (magic, kind, length bound, CRC).
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    read_frame_limited(r, MAX_PAYLOAD)
+}
+
+/// Like [`read_frame`], with a payload of at most `max` bytes (checked
+/// before anything is allocated): see [`PRE_AUTH_MAX_PAYLOAD`].
+pub fn read_frame_limited(r: &mut impl Read, max: u32) -> Result<Frame, ProtocolError> {
     let mut payload = Vec::new();
-    let kind = read_frame_into(r, &mut payload)?;
-    Ok(Frame { kind, payload })
+    let header = read_header_max(r, max)?;
+    read_payload(r, &header, &mut payload)?;
+    Ok(Frame {
+        kind: header.kind,
+        payload,
+    })
 }
 
 /// Like [`read_frame`], but reads the payload into `payload`, reusing its
@@ -318,12 +372,17 @@ fn closed_or_io(e: io::Error) -> ProtocolError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         ProtocolError::Closed
     } else {
-        ProtocolError::Io(e)
+        e.into()
     }
 }
 
 /// Reads a frame header and checks its magic, kind and length bound.
 pub fn read_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
+    read_header_max(r, MAX_PAYLOAD)
+}
+
+/// Like [`read_header`], with a length bound of `max`.
+pub fn read_header_max(r: &mut impl Read, max: u32) -> Result<FrameHeader, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     r.read_exact(&mut header).map_err(closed_or_io)?;
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
@@ -336,8 +395,8 @@ pub fn read_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
     let kind_raw = header[4];
     let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLong(len));
+    if len > max.min(MAX_PAYLOAD) {
+        return Err(ProtocolError::TooLong(len, max.min(MAX_PAYLOAD)));
     }
     let kind = Kind::from_u8(kind_raw).ok_or(ProtocolError::UnknownKind(kind_raw))?;
     Ok(FrameHeader { kind, len, crc })
@@ -490,7 +549,8 @@ impl Abort {
     /// Longest detail text sent or accepted.
     pub const MAX_DETAIL: usize = 1024;
 
-    /// An abort with `detail` made printable and cut to [`Self::MAX_DETAIL`].
+    /// An abort with `detail` made printable ASCII and cut to
+    /// [`Self::MAX_DETAIL`].
     pub fn new(code: AbortCode, count: u64, detail: &str) -> Self {
         let detail = detail
             .chars()
@@ -617,6 +677,12 @@ pub fn decode_config(p: &[u8]) -> Result<ConfigMsg<'_>, ProtocolError> {
         x => return Err(malformed("Config", format!("post-copy flag {x}"))),
     };
     let populated = read_runs(&mut c, ram_size / crate::codec::PAGE as u64)?;
+    if populated.len() > MAX_CONFIG_RUNS {
+        return Err(malformed(
+            "Config",
+            format!("{} runs (at most {MAX_CONFIG_RUNS})", populated.len()),
+        ));
+    }
     let machine = c.take(c.remaining())?;
     Ok(ConfigMsg {
         ram_size,
@@ -646,7 +712,9 @@ pub fn decode_runs(p: &[u8], ram_pages: u64) -> Result<Vec<(u64, u64)>, Protocol
 }
 
 /// Reads page runs from `c` (count bounded by the bytes left before
-/// anything is allocated), each checked to lie below `ram_pages`.
+/// anything is allocated), each checked to lie below `ram_pages`, after the
+/// previous one (sorted and disjoint: no page is named twice, so the work
+/// they cause is bounded by the RAM size).
 fn read_runs(c: &mut Cursor<'_>, ram_pages: u64) -> Result<Vec<(u64, u64)>, ProtocolError> {
     let n = c.u32()? as usize;
     if n > c.remaining() / 16 {
@@ -656,11 +724,19 @@ fn read_runs(c: &mut Cursor<'_>, ram_pages: u64) -> Result<Vec<(u64, u64)>, Prot
         ));
     }
     let mut runs = Vec::with_capacity(n);
+    let mut next_free = 0;
     for _ in 0..n {
         let (f, k) = (c.u64()?, c.u64()?);
         if f.checked_add(k).is_none_or(|end| end > ram_pages) {
             return Err(malformed("page runs", format!("{f}+{k} beyond RAM")));
         }
+        if f < next_free {
+            return Err(malformed(
+                "page runs",
+                format!("{f}+{k} overlaps or precedes the run before (not sorted and disjoint)"),
+            ));
+        }
+        next_free = f + k;
         runs.push((f, k));
     }
     Ok(runs)
@@ -711,7 +787,7 @@ mod tests {
         h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             read_frame(&mut &h[..]),
-            Err(ProtocolError::TooLong(_))
+            Err(ProtocolError::TooLong(..))
         ));
     }
 
@@ -741,6 +817,44 @@ mod tests {
         let mut p = encode_config(1 << 20, false, &[], b"");
         p[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_config(&p).is_err());
+    }
+
+    #[test]
+    fn runs_must_be_sorted_disjoint_and_few() {
+        let ok = |runs: &[(u64, u64)]| {
+            decode_config(&encode_config(1 << 20, false, runs, b"")).map(|c| c.populated)
+        };
+        assert!(
+            ok(&[(0, 4), (4, 4), (10, 1)]).is_ok(),
+            "touching runs are fine"
+        );
+        assert!(ok(&[(0, 8), (4, 8)]).is_err(), "overlap");
+        assert!(ok(&[(10, 1), (0, 4)]).is_err(), "unsorted");
+        assert!(ok(&[(0, 256), (0, 256)]).is_err(), "the same run twice");
+        let many: Vec<_> = (0..MAX_CONFIG_RUNS as u64 + 1).map(|i| (i, 1)).collect();
+        let p = encode_config(1 << 30, false, &many, b"");
+        let err = decode_config(&p).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn pre_auth_frames_are_small() {
+        let mut big = Vec::new();
+        write_frame(&mut big, Kind::Abort, &vec![0x1b; 8 << 10]).unwrap();
+        let err = read_frame_limited(&mut &big[..], PRE_AUTH_MAX_PAYLOAD).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::TooLong(_, PRE_AUTH_MAX_PAYLOAD)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn peer_text_is_made_printable_and_capped() {
+        assert_eq!(printable("a\x1b[2Jb\nc", 100), "a?[2Jb?c");
+        let long = printable(&"x".repeat(5000), 10);
+        assert_eq!(long, "xxxxxxxxxx[...]");
+        let m = malformed("Resumed", "\x1b[31mfake\nERROR line");
+        assert!(!m.to_string().contains('\x1b') && !m.to_string().contains('\n'));
     }
 
     #[test]

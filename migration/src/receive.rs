@@ -7,21 +7,26 @@
 //! enforced: nothing but the handshake before `Accepted`, `Config` first,
 //! then every frame moves [`DestinationPhase`], which refuses anything out
 //! of turn (pages only before `State`, `Complete` only after it, ...).
+//!
+//! Everything a peer can make us wait for or allocate is bounded
+//! ([`Limits`]): the handshake as a whole, each frame as a whole (not each
+//! read: a peer trickling one byte at a time is cut off), the wait for
+//! post-copy's fault connection; before authentication, frames of a few
+//! KiB at most and no buffer larger than that.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream};
-use std::time::Instant;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
 use crate::auth::{self, Secret};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::{decode_batch, PageData, PAGE};
+use crate::deadline::{DeadlineReader, Duplex as ReadWrite};
 use crate::endpoint::DestinationVm;
 use crate::error::{vm_err, MigrationError};
 use crate::placement::{self, Placed};
 use crate::postcopy::PostcopyDestination;
-use crate::protocol::{
-    self, malformed, read_frame, write_frame, Abort, AbortCode, Kind, ProtocolError,
-};
+use crate::protocol::{self, malformed, write_frame, Abort, AbortCode, Kind, ProtocolError};
 use crate::report::{now_ns, PostcopyReport, PostcopyStats, ResumedInfo};
 use crate::state::DestinationPhase;
 use crate::{transport, verify};
@@ -36,28 +41,84 @@ pub struct Received {
     pub postcopy: Option<PostcopyStats>,
 }
 
+/// How long a peer may make the destination wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The whole handshake, from the accept to `Accepted`.
+    pub handshake: Duration,
+    /// One frame, from the wait for its first byte to its last; a large
+    /// frame gets `len / MIN_FRAME_RATE` more.
+    pub frame: Duration,
+    /// Post-copy's fault connection, after a `Config` that announced it.
+    pub fault_connection: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            frame: transport::PEER_TIMEOUT,
+            fault_connection: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The slowest pace a large frame may arrive at (1 MiB/s, 8 Mbit/s) on top
+/// of [`Limits::frame`].
+const MIN_FRAME_RATE: u64 = 1 << 20;
+
+impl Limits {
+    /// The time a frame of `len` bytes may take.
+    fn frame_time(&self, len: u32) -> Duration {
+        self.frame + Duration::from_millis(u64::from(len) * 1000 / MIN_FRAME_RATE)
+    }
+}
+
 /// Accepts a migration on `listener` (one main connection, plus a fault
 /// connection when the source announces post-copy) and runs the destination
-/// side. On error the machine being built is discarded (or, if post-copy lost
-/// its source, paused) and the source is told why.
+/// side with the default [`Limits`].
 pub fn receive<D: DestinationVm>(
     listener: &TcpListener,
     secret: &Secret,
     dst: &mut D,
 ) -> Result<Received, MigrationError> {
     let (stream, peer) = transport::accept(listener)?;
+    receive_on(stream, peer, listener, secret, dst, &Limits::default())
+}
+
+/// Runs the destination side on `stream`, a connection accepted from
+/// `peer` on `listener` (where the fault connection will come). On error the
+/// machine being built is discarded (or, if post-copy lost its source,
+/// paused) and the source is told why.
+pub fn receive_on<D: DestinationVm>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &TcpListener,
+    secret: &Secret,
+    dst: &mut D,
+    limits: &Limits,
+) -> Result<Received, MigrationError> {
+    let raw = DeadlineReader::new(
+        stream.try_clone().map_err(ProtocolError::from)?,
+        transport::peer_timeout(),
+    );
+    raw.expect_within(limits.handshake, "the handshake");
+    // Nothing but the handshake's small frames before authentication: no
+    // read buffer yet, a small write buffer.
+    let mut writer = BufWriter::with_capacity(4 << 10, stream);
+    let mut raw = raw;
+    auth::authenticate_as_destination(&mut ReadWrite(&mut raw, &mut writer), secret)?;
+    raw.clear();
+    tracing::info!("incoming migration from {peer}");
+    dst.peer_authenticated(peer);
     // A small buffer: it saves syscalls on small frames, while most of a
     // page batch (larger than the buffer) is read straight into the frame
     // buffer instead of being copied through this one.
-    let mut reader =
-        BufReader::with_capacity(64 << 10, stream.try_clone().map_err(ProtocolError::Io)?);
-    let mut writer = BufWriter::new(stream);
-    auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut writer), secret)?;
-    tracing::info!("incoming migration from {peer}");
-    dst.peer_authenticated(peer);
+    let mut reader = BufReader::with_capacity(64 << 10, raw);
     let mut session = Session {
         listener,
         secret,
+        limits,
         reader: &mut reader,
         writer: &mut writer,
         out: Received::default(),
@@ -74,40 +135,74 @@ pub fn receive<D: DestinationVm>(
     result
 }
 
-/// Joins a buffered reader and writer of one socket for the handshake.
-struct ReadWrite<'a, R, W>(&'a mut R, &'a mut W);
-
-impl<R: std::io::Read, W> std::io::Read for ReadWrite<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl<R, W: Write> Write for ReadWrite<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.1.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.1.flush()
-    }
-}
-
 struct Session<'a> {
     listener: &'a TcpListener,
     secret: &'a Secret,
-    reader: &'a mut BufReader<TcpStream>,
+    limits: &'a Limits,
+    reader: &'a mut BufReader<DeadlineReader<TcpStream>>,
     writer: &'a mut BufWriter<TcpStream>,
     out: Received,
 }
 
-/// Accepts and authenticates the fault connection.
+/// Accepts and authenticates the fault connection, within
+/// `limits.fault_connection`. Anything else that connects meanwhile (a
+/// stray client, a wrong secret) is logged and dropped: it neither takes
+/// the fault connection's place nor ends the migration.
 fn accept_fault_channel(
     listener: &TcpListener,
     secret: &Secret,
+    limits: &Limits,
 ) -> Result<TcpStream, MigrationError> {
-    let (mut s, _) = transport::accept(listener)?;
-    auth::authenticate_as_destination(&mut s, secret)?;
-    read_frame(&mut s)?.expect(Kind::FaultChannel)?;
+    let deadline = Instant::now() + limits.fault_connection;
+    // Non-blocking, to give up at the deadline.
+    listener
+        .set_nonblocking(true)
+        .map_err(ProtocolError::from)?;
+    let result = loop {
+        match listener.accept() {
+            Ok((s, peer)) => match fault_handshake(s, secret, limits) {
+                Ok(s) => break Ok(s),
+                Err(e) => tracing::warn!(
+                    "dropped a connection from {peer} while waiting for the fault connection: {}",
+                    crate::protocol::printable(&e.to_string(), crate::protocol::MAX_PEER_TEXT)
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(ProtocolError::Deadline {
+                        what: "post-copy's fault connection",
+                        after: limits.fault_connection,
+                    }
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => break Err(transport::TransportError::Accept(e).into()),
+        }
+    };
+    listener
+        .set_nonblocking(false)
+        .map_err(ProtocolError::from)?;
+    result
+}
+
+/// The fault connection's handshake and `FaultChannel`, within the
+/// handshake deadline.
+fn fault_handshake(
+    s: TcpStream,
+    secret: &Secret,
+    limits: &Limits,
+) -> Result<TcpStream, MigrationError> {
+    s.set_nonblocking(false).map_err(ProtocolError::from)?;
+    transport::tune(&s);
+    let mut reader = DeadlineReader::new(
+        s.try_clone().map_err(ProtocolError::from)?,
+        transport::peer_timeout(),
+    );
+    reader.expect_within(limits.handshake, "the fault connection's handshake");
+    auth::authenticate_as_destination(&mut ReadWrite(&mut reader, &mut &s), secret)?;
+    protocol::read_frame_limited(&mut reader, protocol::PRE_AUTH_MAX_PAYLOAD)?
+        .expect(Kind::FaultChannel)?;
     Ok(s)
 }
 
@@ -145,7 +240,7 @@ impl Session<'_> {
         let mut phase = DestinationPhase::Rounds;
         let mut payload = Vec::new();
         loop {
-            let header = protocol::read_header(self.reader)?;
+            let header = self.read_header()?;
             self.out.bytes_wire += u64::from(header.len) + protocol::HEADER_LEN as u64;
             let kind = header.kind;
             phase = phase.on_frame(kind)?;
@@ -215,11 +310,38 @@ impl Session<'_> {
         }
     }
 
+    /// Reads the next frame's header and gives the frame its deadline:
+    /// it must arrive whole within [`Limits::frame_time`] of the moment we
+    /// began to wait for it.
+    fn read_header(&mut self) -> Result<protocol::FrameHeader, ProtocolError> {
+        let start = Instant::now();
+        let deadline = self.reader.get_ref();
+        deadline.expect_within(self.limits.frame, "a frame");
+        let header = protocol::read_header(self.reader)?;
+        self.reader
+            .get_ref()
+            .extend(start, self.limits.frame_time(header.len));
+        Ok(header)
+    }
+
+    /// Reads one whole frame within its deadline.
+    fn read_frame(&mut self, payload: &mut Vec<u8>) -> Result<Kind, ProtocolError> {
+        let header = self.read_header()?;
+        protocol::read_payload(self.reader, &header, payload)?;
+        Ok(header.kind)
+    }
+
     /// Reads `Config`, accepts the fault connection if post-copy may
     /// follow, builds empty RAM, prefaults it (pre-copy) or prepares
     /// userfaultfd (post-copy), and answers `Ready`.
     fn prepare<D: DestinationVm>(&mut self, dst: &mut D) -> Result<Prepared, MigrationError> {
-        let config = read_frame(self.reader)?.expect(Kind::Config)?;
+        let mut config = Vec::new();
+        let kind = self.read_frame(&mut config)?;
+        let config = protocol::Frame {
+            kind,
+            payload: config,
+        }
+        .expect(Kind::Config)?;
         let protocol::ConfigMsg {
             ram_size,
             postcopy,
@@ -227,7 +349,11 @@ impl Session<'_> {
             machine: cfg,
         } = protocol::decode_config(&config)?;
         let fault_conn = if postcopy {
-            Some(accept_fault_channel(self.listener, self.secret)?)
+            Some(accept_fault_channel(
+                self.listener,
+                self.secret,
+                self.limits,
+            )?)
         } else {
             None
         };
@@ -250,7 +376,7 @@ impl Session<'_> {
             None => None,
         };
         write_frame(self.writer, Kind::Ready, &[])?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         Ok(Prepared {
             ram_pages,
             postcopy,
@@ -292,7 +418,7 @@ impl Session<'_> {
             Kind::RoundAck,
             &protocol::encode_round_end(round),
         )?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 
@@ -360,7 +486,7 @@ impl Session<'_> {
         let mut payload = Vec::new();
         let mut phase = DestinationPhase::Postcopy;
         while phase == DestinationPhase::Postcopy {
-            let kind = match protocol::read_frame_into(self.reader, &mut payload) {
+            let kind = match self.read_frame(&mut payload) {
                 Ok(k) => k,
                 Err(e) => {
                     tracing::error!("post-copy lost its source: {e}");
@@ -401,7 +527,7 @@ impl Session<'_> {
         };
         let payload = serde_json::to_vec(&report).expect("report serializes");
         write_frame(self.writer, Kind::PostcopyComplete, &payload)?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         self.out.resumed = info;
         self.out.postcopy = Some(stats.stats);
         if mismatched_pages > 0 {
@@ -432,7 +558,7 @@ impl Session<'_> {
     fn send_resumed(&mut self, info: &ResumedInfo) -> Result<(), MigrationError> {
         let payload = serde_json::to_vec(info).expect("ResumedInfo serializes");
         write_frame(self.writer, Kind::Resumed, &payload)?;
-        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.writer.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 }

@@ -5,7 +5,9 @@
 
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -14,6 +16,7 @@ use crate::control::{Cancelled, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
 use crate::options::Options;
+use crate::pause_bound::PauseWatchdog;
 use crate::protocol::{self, write_frame, Kind, ProtocolError};
 use crate::rate_limit::TokenBucket;
 
@@ -83,6 +86,12 @@ pub struct PageSender<'a, V: SourceVm> {
     pub control: ControlHandle,
     /// The control's parameter generation the limiter was built for.
     seen_generation: u64,
+    /// The downtime limit the migration started with, and the margin of
+    /// the hard bound on the pause over it.
+    max_downtime: Duration,
+    pause_margin: Duration,
+    /// Set when the pause bound fired.
+    pause_overrun: Arc<AtomicBool>,
 }
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
@@ -105,7 +114,38 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
             progress,
             control,
             seen_generation,
+            max_downtime: opts.max_downtime,
+            pause_margin: opts.pause_margin,
+            pause_overrun: Arc::default(),
         }
+    }
+
+    /// The downtime limit in force (set-parameters may have changed it).
+    pub fn max_downtime(&self) -> Duration {
+        self.control
+            .changes()
+            .max_downtime
+            .unwrap_or(self.max_downtime)
+    }
+
+    /// Call as the source pauses: until the returned watchdog is disarmed
+    /// (the destination confirmed), a pause longer than the downtime limit
+    /// plus the margin shuts the connection down (see
+    /// [`crate::pause_bound`]).
+    pub fn watch_pause(&self) -> PauseWatchdog {
+        let budget = self.max_downtime() + self.pause_margin;
+        PauseWatchdog::arm(self.stream(), budget, self.pause_overrun.clone())
+    }
+
+    /// Whether the pause bound fired: the error the switch-over ended
+    /// with was caused by it.
+    pub fn pause_overrun(&self) -> Option<MigrationError> {
+        self.pause_overrun
+            .load(Ordering::Acquire)
+            .then(|| MigrationError::PauseExceeded {
+                limit: self.max_downtime(),
+                margin: self.pause_margin,
+            })
     }
 
     /// A safe point: fails with [`Cancelled`] if a cancel is pending
@@ -167,7 +207,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         }
         // One writev for the whole frame: a full batch is larger than the
         // BufWriter's buffer, so it goes to the socket without a copy.
-        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::Io)?;
+        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::from)?;
         self.enc.clear();
         Ok(())
     }
@@ -183,7 +223,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
 
     /// Pushes everything buffered to the socket.
     pub fn flush(&mut self) -> Result<(), MigrationError> {
-        self.out.flush().map_err(ProtocolError::Io)?;
+        self.out.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{self, Secret};
 use crate::codec::PAGE;
 use crate::control::{Control, ControlHandle};
+use crate::deadline::{DeadlineReader, Duplex};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
 use crate::events::EventKind;
@@ -29,8 +30,9 @@ pub use crate::sender::{Progress, ProgressHandle};
 use crate::state::{SourceEvent, SourcePhase};
 use crate::{access_rate, precopy, stop_and_copy, transport};
 
-/// Most runs in `Config`'s populated-memory hint (1 MiB of payload).
-const MAX_HINT_RUNS: usize = 1 << 16;
+/// Most runs in `Config`'s populated-memory hint (1 MiB of payload): as
+/// many as the destination accepts.
+const MAX_HINT_RUNS: usize = protocol::MAX_CONFIG_RUNS;
 
 /// How long the guest's read and write rates are sampled before planning.
 const RATE_WINDOW: Duration = Duration::from_millis(1000);
@@ -117,7 +119,7 @@ fn run_migration<V: SourceVm>(
     });
     let mut phase = SourcePhase::Handshake;
     let mut stream = transport::connect(addr)?;
-    auth::authenticate_as_source(&mut stream, secret)?;
+    handshake(&stream, secret)?;
     phase = phase.next(SourceEvent::Authenticated)?;
     let setup_view = SetupView {
         ram_bytes: vm.ram_size(),
@@ -146,7 +148,14 @@ fn run_migration<V: SourceVm>(
     let ram_pages = vm.ram_size() / PAGE as u64;
     let result = std::thread::scope(|scope| {
         let can_postcopy = fault_conn.is_some();
+        // The fault server reads without a timeout (the guest may not fault
+        // for a long while): it ends when this side closes the connection,
+        // once the main flow ended whichever way, so that a silent
+        // partition cannot hold the migration after the main connection
+        // timed out.
+        let mut fault_closer = None;
         if let Some(f) = fault_conn {
+            fault_closer = f.try_clone().ok();
             let shared = &shared;
             scope.spawn(move || crate::postcopy::serve_faults(vm, f, shared, ram_pages));
         }
@@ -169,6 +178,9 @@ fn run_migration<V: SourceVm>(
         }
         // Closing our side ends the destination's reply thread and our server.
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
+        if let Some(f) = fault_closer {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
         r
     });
     // Whatever happened, the guest's vCPUs get their full time back.
@@ -177,6 +189,9 @@ fn run_migration<V: SourceVm>(
     match result {
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+            // The destination's words: shown to the user, never raw.
+            report.guest_detail =
+                protocol::printable(&report.guest_detail, protocol::MAX_PEER_TEXT);
             report.prediction = plan.plan.prediction;
             // The limits in force at the end (set-parameters may change them).
             report.limits = history.limits.clone();
@@ -191,9 +206,14 @@ fn run_migration<V: SourceVm>(
             Err(e)
         }
         Err(e) => {
-            // A destination that gives up says why in an Abort frame before
-            // closing; our writes may have failed on the closed socket first.
-            let e = peer_reason(sender.stream()).unwrap_or(e);
+            // The pause bound shut the connection: that is why it failed.
+            // Otherwise a destination that gives up says why in an Abort
+            // frame before closing; our writes may have failed on the closed
+            // socket first.
+            let e = match sender.pause_overrun() {
+                Some(overrun) => overrun,
+                None => peer_reason(sender.stream()).unwrap_or(e),
+            };
             // Tell the destination (if it still listens), then give the guest
             // back its vCPUs: its memory and state were never changed.
             let abort = e.to_abort(AbortCode::SourceFailed);
@@ -205,6 +225,25 @@ fn run_migration<V: SourceVm>(
             Err(e)
         }
     }
+}
+
+/// How long a destination may take over the whole handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The handshake on a fresh connection, within [`HANDSHAKE_DEADLINE`] as a
+/// whole: a destination trickling its answers cannot hold the source.
+fn handshake(stream: &TcpStream, secret: &Secret) -> Result<(), MigrationError> {
+    let mut reader = DeadlineReader::new(
+        stream.try_clone().map_err(ProtocolError::from)?,
+        transport::peer_timeout(),
+    );
+    reader.expect_within(HANDSHAKE_DEADLINE, "the handshake");
+    auth::authenticate_as_source(&mut Duplex(&mut reader, &mut &*stream), secret)?;
+    // The deadline shortened the socket's timeout: back to the usual one.
+    stream
+        .set_read_timeout(Some(transport::peer_timeout()))
+        .map_err(ProtocolError::from)?;
+    Ok(())
 }
 
 /// Bytes of RAM the guest ever wrote.
@@ -229,20 +268,23 @@ fn send_config<V: SourceVm>(
     // Config first: it tells the destination whether a fault connection follows.
     let config = vm.config_blob().map_err(vm_err("read config"))?;
     // What round 0 will send, so that the destination may allocate it ahead.
-    let populated = precopy::coarsen(&precopy::populated_pages(vm)?, MAX_HINT_RUNS);
+    // Sorted: the destination refuses runs out of order.
+    let mut populated = precopy::populated_pages(vm)?;
+    populated.sort_unstable();
+    let populated = precopy::coarsen(&populated, MAX_HINT_RUNS);
     write_frame(
         stream,
         Kind::Config,
         &protocol::encode_config(vm.ram_size(), setup.may_postcopy, &populated, &config),
     )?;
-    stream.flush().map_err(ProtocolError::Io)?;
+    stream.flush().map_err(ProtocolError::from)?;
     // Post-copy's demand requests get a connection of their own, so that a
     // faulting vCPU never waits behind bulk pages.
     let fault_conn = if setup.may_postcopy {
         let mut f = transport::connect(addr)?;
-        auth::authenticate_as_source(&mut f, secret)?;
+        handshake(&f, secret)?;
         write_frame(&mut f, Kind::FaultChannel, &[])?;
-        f.set_read_timeout(None).map_err(ProtocolError::Io)?;
+        f.set_read_timeout(None).map_err(ProtocolError::from)?;
         Some(f)
     } else {
         None

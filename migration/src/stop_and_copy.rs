@@ -8,9 +8,11 @@
 //! 5. send `Complete`; the destination restores, verifies, resumes, and
 //!    answers `Resumed` (downtime ends at its resume);
 //! 6. the source stays paused until that answer: if anything fails before
-//!    it, the source resumes and the guest has lost nothing.
+//!    it, the source resumes and the guest has lost nothing. A pause that
+//!    outlasts the downtime limit by the margin fails it too
+//!    ([`crate::pause_bound`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
@@ -38,6 +40,7 @@ pub fn switch_over<V: SourceVm>(
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
+    let watchdog = s.watch_pause();
     s.control.emit(EventKind::Paused);
     let mut dirty = pre.dirty;
     dirty.union_with(&take_dirty(s.vm)?);
@@ -49,6 +52,7 @@ pub fn switch_over<V: SourceVm>(
 
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
+    watchdog.extend(Duration::from_secs_f64(2.0 * verify_src_ms / 1e3));
     s.send(Kind::Complete, &[])?;
     s.flush()?;
     set_progress(&s.progress, |p| {
@@ -56,6 +60,7 @@ pub fn switch_over<V: SourceVm>(
     });
 
     let info = read_resumed(s.stream())?;
+    watchdog.disarm();
     let breakdown = DowntimeBreakdown {
         pause_ms,
         postcopy_setup_ms: 0.0,
@@ -108,11 +113,13 @@ pub fn switch_over_postcopy<V: SourceVm>(
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
     *paused = true;
+    let watchdog = s.watch_pause();
     s.control.emit(EventKind::Paused);
     let mut needed = still_needed(s.vm, pre.as_ref())?;
     let first_touched = send_first_touched(s, &mut needed)?;
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
+    watchdog.extend(Duration::from_secs_f64(2.0 * verify_src_ms / 1e3));
     let needed_runs: Vec<_> = needed.runs().collect();
     s.send(
         Kind::PostcopyBegin,
@@ -124,6 +131,7 @@ pub fn switch_over_postcopy<V: SourceVm>(
         p.phase = "waiting for the destination".into()
     });
     let info = read_resumed(s.stream())?;
+    watchdog.disarm();
     s.control.emit(EventKind::SwitchedOver {
         downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
     });

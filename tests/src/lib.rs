@@ -193,7 +193,27 @@ pub struct VmmProcess {
 impl VmmProcess {
     /// Starts `vmm run ARGS --api-socket SOCKET` and waits for the socket.
     pub fn start(socket: &Path, args: &[&str]) -> Self {
-        let child = Command::new(vmm_bin())
+        Self::spawn(Command::new(vmm_bin()), socket, args)
+    }
+
+    /// Like [`VmmProcess::start`], with more environment variables.
+    pub fn start_with_env(socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(vmm_bin());
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, socket, args)
+    }
+
+    /// Like [`VmmProcess::start`], with the process's umask set to `umask`
+    /// (through the shell: it is inherited by `exec`).
+    pub fn start_with_umask(socket: &Path, args: &[&str], umask: &str) -> Self {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+            .arg(vmm_bin());
+        Self::spawn(sh, socket, args)
+    }
+
+    fn spawn(mut cmd: Command, socket: &Path, args: &[&str]) -> Self {
+        let child = cmd
             .arg("run")
             .args(args)
             .args(["--status-ms", "0", "--api-socket"])
@@ -327,10 +347,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a secret file and returns its path.
+/// Writes a secret file (mode 0600: `vmm` refuses a secret others may
+/// read) and returns its path.
 pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, secret).expect("secret file");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     p
 }
 
@@ -527,10 +550,14 @@ pub enum Fault {
     CutAfter(u64),
     /// Flips one bit of the byte at this offset.
     FlipAt(u64),
+    /// After forwarding this many bytes, forwards nothing more in either
+    /// direction and keeps both connections open: a silent partition.
+    StallAfter(u64),
 }
 
 /// A TCP proxy on loopback that injects one fault into the first
-/// connection it carries.
+/// connection it carries (later ones, such as post-copy's fault
+/// connection, are forwarded as they are, until a stall stops them too).
 pub struct Proxy {
     /// `tcp:127.0.0.1:PORT` to give the source.
     pub addr: String,
@@ -539,56 +566,89 @@ pub struct Proxy {
 impl Proxy {
     /// Forwards to `target` (`HOST:PORT`) with `fault`.
     pub fn start(target: &str, fault: Fault) -> Self {
-        use std::io::Write;
-        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::net::{TcpListener, TcpStream};
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let addr = format!("tcp:{}", listener.local_addr().unwrap());
         let target = target.to_string();
         std::thread::spawn(move || {
-            let Ok((src, _)) = listener.accept() else {
-                return;
-            };
-            let Ok(dst) = TcpStream::connect(&target) else {
-                return;
-            };
-            // destination -> source: plain copy
-            let (mut d2, mut s2) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut d2, &mut s2);
-                let _ = s2.shutdown(Shutdown::Write);
-            });
-            // source -> destination: with the fault
-            let (mut s, mut d) = (src, dst);
-            let mut buf = vec![0u8; 64 << 10];
-            let mut pos = 0u64;
-            loop {
-                let n = match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+            let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut first = true;
+            for src in listener.incoming().flatten() {
+                let Ok(dst) = TcpStream::connect(&target) else {
+                    return;
                 };
-                let chunk = &mut buf[..n];
-                match fault {
-                    Fault::CutAfter(at) if pos + n as u64 >= at => {
-                        let keep = (at - pos) as usize;
-                        let _ = d.write_all(&chunk[..keep]);
-                        let _ = s.shutdown(Shutdown::Both);
-                        let _ = d.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    Fault::FlipAt(at) if (pos..pos + n as u64).contains(&at) => {
-                        chunk[(at - pos) as usize] ^= 0x04;
-                    }
-                    _ => {}
-                }
-                if d.write_all(chunk).is_err() {
-                    break;
-                }
-                pos += n as u64;
+                let fault = if first { Some(fault) } else { None };
+                first = false;
+                let stalled = stalled.clone();
+                std::thread::spawn(move || forward(src, dst, fault, &stalled));
             }
-            let _ = d.shutdown(Shutdown::Write);
         });
         Self { addr }
     }
+}
+
+/// Carries one proxied connection: destination to source as it is, source
+/// to destination with `fault`. Once any connection stalled, none forwards
+/// another byte (the sockets stay open: a partition, not a cut).
+fn forward(
+    src: std::net::TcpStream,
+    dst: std::net::TcpStream,
+    fault: Option<Fault>,
+    stalled: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::Write;
+    use std::net::Shutdown;
+    use std::sync::atomic::Ordering;
+    let (mut d2, mut s2) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+    let stall = stalled.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = d2.read(&mut buf) {
+            if stall.load(Ordering::Acquire) || s2.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        if !stall.load(Ordering::Acquire) {
+            let _ = s2.shutdown(Shutdown::Write);
+        }
+    });
+    let (mut s, mut d) = (src, dst);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = 0u64;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        match fault {
+            Some(Fault::CutAfter(at)) if pos + n as u64 >= at => {
+                let keep = (at - pos) as usize;
+                let _ = d.write_all(&chunk[..keep]);
+                let _ = s.shutdown(Shutdown::Both);
+                let _ = d.shutdown(Shutdown::Both);
+                return;
+            }
+            Some(Fault::FlipAt(at)) if (pos..pos + n as u64).contains(&at) => {
+                chunk[(at - pos) as usize] ^= 0x04;
+            }
+            Some(Fault::StallAfter(at)) if pos + n as u64 >= at => {
+                stalled.store(true, Ordering::Release);
+            }
+            _ => {}
+        }
+        if stalled.load(Ordering::Acquire) {
+            // Hold both sockets open, reading nothing more (the test ends
+            // long before this does).
+            std::thread::sleep(Duration::from_secs(120));
+            return;
+        }
+        if d.write_all(chunk).is_err() {
+            break;
+        }
+        pos += n as u64;
+    }
+    let _ = d.shutdown(Shutdown::Write);
 }
 
 /// Parses a `--memory` value.

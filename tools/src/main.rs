@@ -196,6 +196,9 @@ fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
     }
 }
 
+/// Longest error message printed.
+const MAX_ERROR_TEXT: usize = 8192;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -224,7 +227,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors may quote a peer (an Abort's detail, a malformed
+            // frame's): never let its bytes reach the terminal raw.
+            eprintln!(
+                "error: {}",
+                migration::protocol::printable(&e, MAX_ERROR_TEXT)
+            );
             ExitCode::FAILURE
         }
     }

@@ -45,6 +45,11 @@ pub struct MigrateArgs {
     /// Switch over after this many rounds at the latest.
     #[arg(long)]
     max_rounds: Option<u32>,
+    /// The hard bound on the pause: until the destination confirms, a
+    /// pause longer than the downtime limit plus this (e.g. 3s) aborts the
+    /// migration and resumes the source guest.
+    #[arg(long, value_parser = parse_duration_ms)]
+    pause_margin: Option<f64>,
     /// Switch over once this much was sent (e.g. 4G).
     #[arg(long, value_parser = parse_size_arg)]
     max_bytes: Option<u64>,
@@ -195,6 +200,7 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "secret_file": args.secret,
         "max_downtime_ms": args.max_downtime,
         "max_rounds": args.max_rounds,
+        "pause_margin_ms": args.pause_margin,
         "max_bytes": args.max_bytes,
         "bandwidth": args.bandwidth,
         "compression": args.compression,
@@ -479,13 +485,7 @@ pub struct DemoArgs {
 pub fn demo(args: DemoArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("vmm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let secret = dir.join("secret");
-    std::fs::write(
-        &secret,
-        format!("demo-secret-{}-{:?}", std::process::id(), Instant::now()),
-    )
-    .map_err(|e| e.to_string())?;
+    let secret = demo_secret(&dir)?;
     let src_sock = dir.join("src.sock");
     let port = free_port()?;
     let addr = format!("tcp:127.0.0.1:{port}");
@@ -510,7 +510,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let mut dst = Command::new(&exe)
-        .args(["receive", "--listen", &addr, "--secret"])
+        .args(["receive", "--once", "--listen", &addr, "--secret"])
         .arg(&secret)
         .args(["--status-ms", "0", "--duration", "2"])
         .stdout(Stdio::null())
@@ -530,6 +530,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             predict: false,
             max_downtime: None,
             max_rounds: None,
+            pause_margin: None,
             max_bytes: None,
             bandwidth: None,
             compression: "auto".into(),
@@ -552,6 +553,36 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         return Err("the destination vmm failed after the migration".into());
     }
     Ok(())
+}
+
+/// A fresh random secret (32 bytes from the kernel's generator, hex) in
+/// `dir/secret`: the directory is made 0700 and the file 0600 as they are
+/// created, whatever the umask, so no other user can read it at any time.
+fn demo_secret(dir: &std::path::Path) -> Result<PathBuf, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &str| {
+        let (what, dir) = (what.to_string(), dir.display().to_string());
+        move |e: std::io::Error| format!("{what} {dir}: {e}")
+    };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail("creating the private directory"))?;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(fail("reading /dev/urandom for the secret in"))?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("secret");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex.as_bytes()))
+        .map_err(fail("writing the secret in"))?;
+    Ok(path)
 }
 
 fn free_port() -> Result<u16, String> {

@@ -17,7 +17,10 @@
 //!
 //! A request line longer than [`crate::control_socket::MAX_REQUEST_BYTES`] gets
 //! `{"ok":false,"error":"request longer than ..."}` and the connection is
-//! closed (the rest of the line is never read). The socket file itself is
+//! closed (the rest of the line is never read). At most
+//! [`MAX_CONNECTIONS`] connections are served at once (one more is refused
+//! with a reason); one idle for a minute is closed. `quit`, `restore` and
+//! `save` are refused while a migration runs. The socket file itself is
 //! made by [`crate::control_socket::bind`].
 //! `restore` replaces this process's machine with the one in the file and
 //! runs it. Errors come back as `{"ok":false,"error":"..."}`.
@@ -47,6 +50,9 @@ pub struct MigrateRequest {
     pub max_downtime_ms: Option<f64>,
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// The hard bound on the pause over the downtime limit (ms).
+    #[serde(default)]
+    pub pause_margin_ms: Option<f64>,
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// e.g. "1Gbit".
@@ -292,8 +298,34 @@ impl Controller {
         }
     }
 
+    /// Why `req` may not run now, if it may not: `quit` and `restore` would
+    /// destroy the machine a migration is reading, and `save` would pause
+    /// it and write a second copy of a guest that is moving.
+    fn refusal(&self, req: &Request) -> Option<String> {
+        let what = match req {
+            Request::Quit => "quit",
+            Request::Restore { .. } => "restore",
+            Request::Save { .. } => "save",
+            _ => return None,
+        };
+        let running = self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running;
+        running.then(|| {
+            format!(
+                "{what} refused: a migration is running (cancel it with migrate-cancel, \
+                 or wait until it ends)"
+            )
+        })
+    }
+
     fn execute(&self, req: Request) -> Result<Value, String> {
         let chain = |e: &dyn std::error::Error| error_chain(e);
+        if let Some(why) = self.refusal(&req) {
+            return Err(why);
+        }
         match req {
             Request::Pause => self.with(|m| m.pause()),
             Request::Resume => self.with(|m| m.resume()),
@@ -522,20 +554,57 @@ impl Responder for Controller {
     }
 }
 
+/// Most control connections served at once: a client that opens many
+/// cannot make the VMM start a thread for each.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// A connection that sends nothing this long is closed, freeing its slot
+/// (the longest request, an `events` wait, answers within 10 s).
+const IDLE_CONNECTION: Duration = Duration::from_secs(60);
+
 /// Serves `listener` (see [`crate::control_socket::bind`]) on a background
-/// thread, one thread per connection.
+/// thread, one thread per connection, at most [`MAX_CONNECTIONS`] at once:
+/// one more is answered with a refusal and closed.
 pub fn serve(listener: UnixListener, responder: Arc<dyn Responder>) -> std::io::Result<()> {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            for mut conn in listener.incoming().flatten() {
+                let Some(slot) = Slot::take(&active) else {
+                    let why = format!("too many control connections (at most {MAX_CONNECTIONS})");
+                    let _ = writeln!(conn, "{}", json!({"ok": false, "error": why}));
+                    continue;
+                };
+                let _ = conn.set_read_timeout(Some(IDLE_CONNECTION));
                 let responder = responder.clone();
+                // A thread that cannot start drops its closure, and the slot.
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(&*responder, conn));
+                    .spawn(move || {
+                        serve_connection(&*responder, conn);
+                        drop(slot);
+                    });
             }
         })?;
     Ok(())
+}
+
+/// One of the [`MAX_CONNECTIONS`] places, given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        let slot = Self(active.clone());
+        // Counted first, checked after: a refused one is given back on drop.
+        (active.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTIONS).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn serve_connection(responder: &dyn Responder, conn: UnixStream) {
@@ -638,6 +707,9 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
     };
     if let Some(ms) = req.max_downtime_ms {
         o.max_downtime = downtime(ms)?;
+    }
+    if let Some(ms) = req.pause_margin_ms {
+        o.pause_margin = downtime(ms).map_err(|_| format!("bad pause_margin_ms {ms}"))?;
     }
     if let Some(r) = req.max_rounds {
         if r == 0 {

@@ -350,6 +350,10 @@ fn the_pause_is_bounded_before_the_destination_confirms() {
         "300ms",
         "--pause-margin",
         "700ms",
+        // Switch over although the prediction is over the limit (the
+        // default would refuse at once): the pause bound is the point.
+        "--on-overrun",
+        "accept",
     ]);
     assert!(!ok, "a switch-over over its pause bound succeeded");
     assert!(

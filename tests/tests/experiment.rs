@@ -410,9 +410,17 @@ levels = ["pre", "post"]
     assert!(output.status.success(), "{err}");
     assert!(err.contains("stopped; the runs recorded stay in"), "{err}");
     assert_no_process_left(&out);
+    // Its own namespace (other tests may run theirs meanwhile).
+    let ns = err
+        .split_whitespace()
+        .find(|w| w.starts_with("vmmexp"))
+        .expect("the experiment names its namespace");
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&netns.stdout).into_owned();
-    assert!(!left.contains("vmmexp"), "namespace left behind: {left}");
+    assert!(
+        !left.split_whitespace().any(|w| w == ns),
+        "namespace {ns} left behind: {left}"
+    );
     let recorded = lines(&jsonl).len();
     assert!((1..6).contains(&recorded), "{recorded} runs recorded");
     let _ = std::fs::remove_dir_all(dir);

@@ -485,7 +485,7 @@ pub struct DemoArgs {
 pub fn demo(args: DemoArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("vmm-demo-{}", std::process::id()));
-    let secret = demo_secret(&dir)?;
+    let secret = private_secret(&dir)?;
     let src_sock = dir.join("src.sock");
     let port = free_port()?;
     let addr = format!("tcp:127.0.0.1:{port}");
@@ -558,7 +558,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
 /// A fresh random secret (32 bytes from the kernel's generator, hex) in
 /// `dir/secret`: the directory is made 0700 and the file 0600 as they are
 /// created, whatever the umask, so no other user can read it at any time.
-fn demo_secret(dir: &std::path::Path) -> Result<PathBuf, String> {
+pub fn private_secret(dir: &std::path::Path) -> Result<PathBuf, String> {
     use std::io::{Read, Write};
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let fail = |what: &str| {

@@ -146,6 +146,10 @@ fn run_experiment(args: ExperimentArgs) -> Result<(), ExperimentError> {
         timeout: Duration::from_secs(spec.timeout_s),
         interrupted: Box::new(move || stopped.received().is_some()),
     };
+    eprintln!(
+        "shaped links (tbf) run through network namespace {}",
+        runner::Netns::name(runner.net_id)
+    );
     let mut progress = Progress::new(todo.len());
     for (cell, rep) in todo {
         let tree = spec.setup_of(&cell);

@@ -48,9 +48,7 @@ impl Runner {
         let _ = std::fs::remove_dir_all(&self.work);
         std::fs::create_dir_all(&self.work)
             .map_err(|e| format!("creating {}: {e}", self.work.display()))?;
-        let secret = self.work.join("secret");
-        std::fs::write(&secret, "an experiment's shared secret")
-            .map_err(|e| format!("writing the secret: {e}"))?;
+        let secret = crate::migrate::private_secret(&self.work.join("private"))?;
         let net = match &setup.link {
             Link::Loopback => None,
             Link::Tbf { rate, .. } => Some(Netns::create(self.net_id, rate)?),
@@ -245,13 +243,14 @@ fn run_tool(tool: &str, args: &[&str]) -> Result<(), String> {
 
 impl Netns {
     /// Builds it (removing a leftover of the same name first).
+    /// The namespace's name for experiment id `id`.
+    pub fn name(id: u32) -> String {
+        format!("vmmexp{}", id % 10_000)
+    }
+
     pub fn create(id: u32, rate: &str) -> Result<Self, String> {
         let id = id % 10_000;
-        let (ns, host_if, ns_if) = (
-            format!("vmmexp{id}"),
-            format!("vxh{id}"),
-            format!("vxn{id}"),
-        );
+        let (ns, host_if, ns_if) = (Self::name(id), format!("vxh{id}"), format!("vxn{id}"));
         let subnet = id % 250;
         let (host_ip, peer_ip) = (format!("10.232.{subnet}.1"), format!("10.232.{subnet}.2"));
         let _ = run_tool("ip", &["link", "del", &host_if]);

@@ -68,6 +68,10 @@ pub struct Options {
     /// plans, so that `migrate_start_postcopy` can switch a running
     /// pre-copy to post-copy.
     pub postcopy_ready: bool,
+    /// How long the source waits for `Prepared`, and then for `Resumed`
+    /// after `Commit`. Past it, before `Commit` the source resumes; after,
+    /// it stays fenced and asks the destination what it did.
+    pub commit_timeout: Duration,
 }
 
 impl Default for Options {
@@ -85,6 +89,7 @@ impl Default for Options {
             auto_converge: false,
             skip_redirtied: false,
             postcopy_ready: false,
+            commit_timeout: crate::transport::PEER_TIMEOUT,
         }
     }
 }

@@ -83,6 +83,9 @@ pub struct PageSender<'a, V: SourceVm> {
     pub control: ControlHandle,
     /// The control's parameter generation the limiter was built for.
     seen_generation: u64,
+    /// The page runs `Config` declared: each must reach the destination
+    /// (round 0, or post-copy), which checks that they did.
+    pub declared: Vec<(u64, u64)>,
 }
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
@@ -105,6 +108,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
             progress,
             control,
             seen_generation,
+            declared: Vec::new(),
         }
     }
 

@@ -156,6 +156,10 @@ fn run_migration<V: SourceVm>(
     let ram_pages = vm.ram_size() / PAGE as u64;
     let result = std::thread::scope(|scope| {
         let can_postcopy = fault_conn.is_some();
+        // Closed when the phases end, so that the fault server stops even
+        // if the destination never closes its end (a failed switch-over
+        // must not wait for it before asking what became of the guest).
+        let fault_closer = fault_conn.as_ref().and_then(|f| f.try_clone().ok());
         if let Some(f) = fault_conn {
             let shared = &shared;
             scope.spawn(move || crate::postcopy::serve_faults(vm, f, shared, ram_pages));
@@ -180,6 +184,9 @@ fn run_migration<V: SourceVm>(
         }
         // Closing our side ends the destination's reply thread and our server.
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
+        if let Some(f) = fault_closer {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
         r
     });
     // Whatever happened, the guest's vCPUs get their full time back.

@@ -56,12 +56,16 @@
 //!          │ stop-and-copy / post-copy           │ └── PostcopyBegin ──▶ PostcopyArmed
 //!          ▼                  plan: post         │ Complete                 │ Complete
 //!   SwitchOver{rule, postcopy} ◀──────────       ▼                          ▼
+//!          │ Commit (after Prepared)     Prepared{pre}            Prepared{post}
+//!          ▼                                     │ Commit                   │ Commit
+//!   Committed{postcopy}  (fenced)                ▼                          ▼
 //!          │ Resumed (pre)   │ Resumed (post)  Completed ◀── PostcopyDone ── Postcopy
 //!          ▼                 ▼                                              (Pages)
 //!      Completed ◀──── Postcopy
 //!               PostcopyComplete
 //!
-//!  any phase before Completed ─ error ─▶ Failed   any phase ─ Abort ─▶ Failed
+//!  before Commit ─ error ─▶ Failed (source resumes)   any phase ─ Abort ─▶ Failed
+//!  Committed, Postcopy ─ error ─▶ OutcomeUnknown (source stays paused, asks)
 //!  before the switch-over completes ─ cancel ─▶ Cancelled (source resumes)
 //! ```
 //! Any other frame is refused where it arrives (`IllegalTransition`).

@@ -386,6 +386,12 @@ impl Session<'_> {
         if !self.switch.commit() {
             return Err(MigrationError::Discarded);
         }
+        // Post-copy's push follows on this connection: back to the usual
+        // tolerance for a silent peer.
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(transport::PEER_TIMEOUT))
+            .map_err(ProtocolError::Io)?;
         let ram_size = prepared.ram_pages * PAGE as u64;
         match (phase, rx.armed) {
             (DestinationPhase::Postcopy, Some(pc)) => {

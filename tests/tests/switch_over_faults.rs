@@ -434,3 +434,12 @@ fn postcopy_commit_dropped() {
     let at = Fault::Drop(to_dst(Kind::Commit));
     cell("pc-commit-drop", POST, at, Kill::Nobody, End::SourceRuns);
 }
+
+#[test]
+fn postcopy_push_stall() {
+    // A silent partition mid-push: each side's peer timeout ends it; the
+    // destination pauses the guest naming the missing pages, the source
+    // stays fenced with every page.
+    let at = Fault::Stall(pages(40));
+    cell("pc-stall", POST, at, Kill::Nobody, End::BothPaused);
+}

@@ -117,6 +117,29 @@ fn running(socket: &Path) -> bool {
     beats().is_some_and(|b| b > a)
 }
 
+/// One look at a process's guest: whether it is paused, and vCPU 0's
+/// heartbeat count; `None` while no guest answers there.
+fn look(socket: &Path) -> Option<(bool, u64)> {
+    let s = vmm::api::call(socket, &json!({"cmd": "state"})).ok()?;
+    (s["ok"] == json!(true)).then(|| {
+        let beats = heartbeat_field(&s, "count").first().copied().unwrap_or(0);
+        (s["paused"] == json!(true), beats)
+    })
+}
+
+/// How many copies ran during one and the same window: both ends are
+/// looked at, then again 150 ms later; a copy counts if it was unpaused
+/// at both looks and its heartbeats advanced. (Looking at one end, then
+/// at the other, would count a source that paused and a destination that
+/// resumed later as two.)
+fn copies_running(src: &Path, dst: &Path) -> usize {
+    let (s0, d0) = (look(src), look(dst));
+    std::thread::sleep(Duration::from_millis(150));
+    let (s1, d1) = (look(src), look(dst));
+    let ran = |a: Option<(bool, u64)>, b: Option<(bool, u64)>| matches!((a, b), (Some((false, x)), Some((false, y))) if y > x);
+    usize::from(ran(s0, s1)) + usize::from(ran(d0, d1))
+}
+
 /// Runs one cell of the matrix; returns what `vmm migrate` printed.
 fn cell(name: &str, args: &'static [&'static str], fault: Fault, kill: Kill, end: End) -> String {
     if !require_kvm() {
@@ -151,12 +174,12 @@ fn cell(name: &str, args: &'static [&'static str], fault: Fault, kill: Kill, end
     }
     // Never two running copies while it runs.
     while !t.is_finished() {
-        let copies = usize::from(running(&src_sock)) + usize::from(running(&dst.socket));
+        let copies = copies_running(&src_sock, &dst.socket);
         assert!(copies <= 1, "{name}: two running copies");
         assert!(started.elapsed() < Duration::from_secs(90), "{name}: hung");
     }
     let (ok, _, err) = t.join().unwrap();
-    let copies = usize::from(running(&src_sock)) + usize::from(running(&dst.socket));
+    let copies = copies_running(&src_sock, &dst.socket);
     assert!(copies <= 1, "{name}: two running copies at the end");
     match end {
         End::SourceRuns => {

@@ -10,7 +10,8 @@
 //!    [`events`] (what happened, for scripts),
 //!    [`sender`] (the page sender);
 //! 3. the phases: [`precopy`], [`postcopy`], [`stop_and_copy`] (pause,
-//!    last pages, machine state, switch-over);
+//!    last pages, machine state, switch-over), [`commit`] (the switch-over's
+//!    single decision, and asking for its outcome afterwards);
 //! 4. the ends: [`source`] orchestrates the phases; [`receive`] is the
 //!    destination ([`placement`]: page batches received straight into
 //!    guest RAM).
@@ -22,6 +23,7 @@ pub mod access_rate;
 pub mod auth;
 pub mod bitmap;
 pub mod codec;
+pub mod commit;
 pub mod control;
 pub mod deadline;
 pub mod endpoint;

@@ -93,6 +93,10 @@ pub struct Options {
     /// pause longer than the downtime limit plus this aborts the migration
     /// and resumes the source (see [`crate::pause_bound`]).
     pub pause_margin: Duration,
+    /// How long the source waits for `Prepared`, and then for `Resumed`
+    /// after `Commit`. Past it, before `Commit` the source resumes; after,
+    /// it stays fenced and asks the destination what it did.
+    pub commit_timeout: Duration,
 }
 
 impl Default for Options {
@@ -112,6 +116,7 @@ impl Default for Options {
             postcopy_ready: false,
             overrun: Overrun::Fail,
             pause_margin: crate::pause_bound::DEFAULT_MARGIN,
+            commit_timeout: crate::transport::PEER_TIMEOUT,
         }
     }
 }

@@ -176,6 +176,11 @@ impl DestShared {
         self.needed.contains(page)
     }
 
+    /// Every page post-copy must bring (present or not).
+    pub fn needed_pages(&self) -> DirtyBitmap {
+        self.needed.snapshot()
+    }
+
     /// Whether the source went away before every page arrived.
     pub fn source_lost(&self) -> bool {
         self.source_lost.load(Ordering::Acquire)

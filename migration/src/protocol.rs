@@ -20,14 +20,18 @@
 //!    │── Pages … Pages ─ RoundEnd {n} ──────────────────▶│  last dirty pages (vCPUs stopped)
 //!    │── State {machine state} ─────────────────────────▶│  destination restores, stays paused
 //!    │── Checksums … (only with --verify) ──────────────▶│  destination compares every page
-//!    │── Complete ──────────────────────────────────────▶│  destination resumes the guest
-//!    │◀────────────────── Resumed {timings, verification} │
+//!    │── Complete ──────────────────────────────────────▶│  "that is everything": the destination
+//!    │                                                   │  checks every declared page and checksum
+//!    │◀─────────────────────────────────────── Prepared ─│  restored, verified, still paused
+//!    │── Commit ────────────────────────────────────────▶│  THE commit point (see below)
+//!    │◀────────────────── Resumed {timings, verification} │  destination resumed the guest
 //!    │  [source exits]                                   │
 //! ```
 //!
 //! Post-copy and hybrid replace the last round: after `State` (and
-//! `Checksums`) comes `PostcopyBegin {pages still needed}`, then `Complete`;
-//! the destination resumes with those pages missing and answers `Resumed`.
+//! `Checksums`) comes `PostcopyBegin {pages still needed}`, then `Complete`
+//! ◀ `Prepared`, `Commit`; the destination resumes with those pages missing
+//! and answers `Resumed`.
 //! Then, on the main connection the source pushes `Pages … PostcopyDone`,
 //! while on the fault connection the destination sends `PageRequest {page}`
 //! and the source answers each with a one-page `Pages`. When every needed
@@ -52,12 +56,16 @@
 //!          │ stop-and-copy / post-copy           │ └── PostcopyBegin ──▶ PostcopyArmed
 //!          ▼                  plan: post         │ Complete                 │ Complete
 //!   SwitchOver{rule, postcopy} ◀──────────       ▼                          ▼
+//!          │ Commit (after Prepared)     Prepared{pre}            Prepared{post}
+//!          ▼                                     │ Commit                   │ Commit
+//!   Committed{postcopy}  (fenced)                ▼                          ▼
 //!          │ Resumed (pre)   │ Resumed (post)  Completed ◀── PostcopyDone ── Postcopy
 //!          ▼                 ▼                                              (Pages)
 //!      Completed ◀──── Postcopy
 //!               PostcopyComplete
 //!
-//!  any phase before Completed ─ error ─▶ Failed   any phase ─ Abort ─▶ Failed
+//!  before Commit ─ error ─▶ Failed (source resumes)   any phase ─ Abort ─▶ Failed
+//!  Committed, Postcopy ─ error ─▶ OutcomeUnknown (source stays paused, asks)
 //!  before the switch-over completes ─ cancel ─▶ Cancelled (source resumes)
 //! ```
 //! Any other frame is refused where it arrives (`IllegalTransition`).
@@ -67,8 +75,55 @@
 //! filled its socket buffer.
 //!
 //! Either side may send `Abort {code, count, detail}` at any point (see
-//! [`Abort`]); a source that has not received `Resumed` then resumes its
-//! guest, which has lost nothing.
+//! [`Abort`]); a source that has not sent `Commit` then resumes its guest,
+//! which has lost nothing.
+//!
+//! # The switch-over is a commit: never two running copies
+//! The source sends `Commit` only after the destination answered
+//! `Prepared`, and from the moment it *starts* writing `Commit` it is
+//! **fenced**: it never runs the guest again, whatever happens next. The
+//! destination resumes only after it read `Commit`, and only if it did not
+//! decide to discard first (a `Commit` and a discard are one decision,
+//! taken once under a lock: [`crate::commit::Switch`]). So at most one copy
+//! runs; when the source cannot know which way it went, it says so and
+//! asks (`OutcomeQuery` ◀ `Outcome`) instead of guessing.
+//! ```text
+//!   SOURCE                                   DESTINATION
+//!   state        runs?  link dies →          state            runs?  link dies / deadline →
+//!   ───────────  ─────  ───────────────────  ───────────────  ─────  ─────────────────────────
+//!   Rounds       yes    resume (nothing      Rounds           no     discard, exit
+//!                       was paused)
+//!   SwitchOver   paused resume: abort        Restored         no     discard, exit
+//!   (State …                                 (State, Checksums)
+//!    Complete)
+//!   WaitPrepared paused resume: abort        Prepared         no     never resume: discard;
+//!                                            (sent Prepared,         answer `Outcome
+//!                                             awaits Commit)          {discarded}` to a query
+//!   ═════════════ Commit written: the single point of no return for the source ══════════════
+//!   Fenced       no     stay paused; ask     Committed        YES    keep running; answer
+//!   (awaits             the destination      (resumed, sends         `Outcome {resumed}`
+//!    Resumed)           (`OutcomeQuery`);     Resumed)                to a query
+//!                       no answer: exit
+//!                       "outcome unknown",
+//!                       guest paused here
+//!   Completed    no     (exits: migrated     Completed        YES    —
+//!                       away)
+//!   Postcopy     no     stay fenced with     Postcopy         YES    pause the guest, name the
+//!   (pushing,           every page (never    (pages missing)  until  missing pages; never
+//!    serving)           rolls back)                           lost   discard
+//!
+//!   `vmm migrate --recover`: a fenced source asks the destination
+//!   (new connection, same authentication, `OutcomeQuery`):
+//!     Outcome {resumed}    → the source shuts its copy down (migrated away);
+//!     Outcome {discarded}  → the source resumes (the destination never ran it);
+//!     unreachable          → still unknown: the guest stays paused, said so.
+//!   A query reaching a destination that is still undecided (Prepared, no
+//!   Commit yet) makes it discard: the answer is final either way.
+//! ```
+//! The destination refuses to send `Prepared` unless every page `Config`
+//! declared has arrived (pre-copy) or is named by `PostcopyBegin`
+//! (post-copy), and, if `Config` announced `--verify`, every page's
+//! checksum arrived and matched.
 //!
 //! # Framing
 //! Every frame is a 16-byte header and a payload:
@@ -83,7 +138,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Frame magic, "LMIG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// Largest payload accepted: a page batch or a state blob fits well inside.
@@ -195,6 +250,10 @@ pub enum Kind {
     Ready = 18,
     RoundAck = 19,
     Probe = 20,
+    Prepared = 21,
+    Commit = 22,
+    OutcomeQuery = 23,
+    Outcome = 24,
 }
 
 impl Kind {
@@ -221,6 +280,10 @@ impl Kind {
             18 => Ready,
             19 => RoundAck,
             20 => Probe,
+            21 => Prepared,
+            22 => Commit,
+            23 => OutcomeQuery,
+            24 => Outcome,
             _ => return None,
         })
     }
@@ -249,6 +312,10 @@ impl Kind {
             Ready => "Ready",
             RoundAck => "RoundAck",
             Probe => "Probe",
+            Prepared => "Prepared",
+            Commit => "Commit",
+            OutcomeQuery => "OutcomeQuery",
+            Outcome => "Outcome",
         }
     }
 }
@@ -642,23 +709,57 @@ pub struct ConfigMsg<'a> {
     pub ram_size: u64,
     /// Whether a fault connection follows (post-copy or hybrid).
     pub postcopy: bool,
-    /// The source's populated RAM as page runs: what round 0 will send, so
-    /// that a destination may allocate it ahead (a hint, possibly coarser).
+    /// Whether `Checksums` will follow the state (`--verify`): announced
+    /// here so that stripping them cannot silently turn verification off.
+    pub verify: bool,
+    /// The source's populated RAM as page runs: what round 0 will send (or,
+    /// in post-copy, what `PostcopyBegin` will account for). The
+    /// destination refuses to resume unless every page of them arrived or
+    /// is accounted for.
     pub populated: Vec<(u64, u64)>,
     /// The machine configuration, opaque to the engine.
     pub machine: &'a [u8],
 }
 
-/// Encodes a `Config` payload: RAM size (u64), post-copy flag (u8),
-/// populated page runs (as [`encode_runs`]), machine configuration.
+/// What the source announces in `Config`'s flag byte.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigFlags {
+    /// Bit 0: a fault connection follows.
+    pub postcopy: bool,
+    /// Bit 1: `Checksums` follow the state.
+    pub verify: bool,
+}
+
+impl ConfigFlags {
+    const POSTCOPY: u8 = 1;
+    const VERIFY: u8 = 2;
+
+    fn encode(self) -> u8 {
+        (u8::from(self.postcopy) * Self::POSTCOPY) | (u8::from(self.verify) * Self::VERIFY)
+    }
+
+    fn decode(b: u8) -> Result<Self, ProtocolError> {
+        if b & !(Self::POSTCOPY | Self::VERIFY) != 0 {
+            return Err(malformed("Config", format!("unknown flags {b:#x}")));
+        }
+        Ok(Self {
+            postcopy: b & Self::POSTCOPY != 0,
+            verify: b & Self::VERIFY != 0,
+        })
+    }
+}
+
+/// Encodes a `Config` payload: RAM size (u64), flags (u8: bit 0 post-copy,
+/// bit 1 verify), populated page runs (as [`encode_runs`]), machine
+/// configuration.
 pub fn encode_config(
     ram_size: u64,
-    postcopy: bool,
+    flags: ConfigFlags,
     populated: &[(u64, u64)],
     machine: &[u8],
 ) -> Vec<u8> {
     let mut v = ram_size.to_le_bytes().to_vec();
-    v.push(u8::from(postcopy));
+    v.push(flags.encode());
     v.extend_from_slice(&encode_runs(populated));
     v.extend_from_slice(machine);
     v
@@ -671,11 +772,7 @@ pub fn decode_config(p: &[u8]) -> Result<ConfigMsg<'_>, ProtocolError> {
     if ram_size == 0 || ram_size % crate::codec::PAGE as u64 != 0 {
         return Err(malformed("Config", format!("RAM size {ram_size}")));
     }
-    let postcopy = match c.u8()? {
-        0 => false,
-        1 => true,
-        x => return Err(malformed("Config", format!("post-copy flag {x}"))),
-    };
+    let flags = ConfigFlags::decode(c.u8()?)?;
     let populated = read_runs(&mut c, ram_size / crate::codec::PAGE as u64)?;
     if populated.len() > MAX_CONFIG_RUNS {
         return Err(malformed(
@@ -686,7 +783,8 @@ pub fn decode_config(p: &[u8]) -> Result<ConfigMsg<'_>, ProtocolError> {
     let machine = c.take(c.remaining())?;
     Ok(ConfigMsg {
         ram_size,
-        postcopy,
+        postcopy: flags.postcopy,
+        verify: flags.verify,
         populated,
         machine,
     })
@@ -802,19 +900,38 @@ mod tests {
     #[test]
     fn config_round_trips_and_checks_its_runs() {
         let runs = [(0, 16), (100, 4)];
-        let p = encode_config(1 << 20, true, &runs, b"{}");
+        let flags = ConfigFlags {
+            postcopy: true,
+            verify: true,
+        };
+        let p = encode_config(1 << 20, flags, &runs, b"{}");
         let c = decode_config(&p).unwrap();
         assert_eq!(
-            (c.ram_size, c.postcopy, &c.populated[..], c.machine),
-            (1 << 20, true, &runs[..], &b"{}"[..])
+            (
+                c.ram_size,
+                c.postcopy,
+                c.verify,
+                &c.populated[..],
+                c.machine
+            ),
+            (1 << 20, true, true, &runs[..], &b"{}"[..])
         );
+        let mut unknown = p.clone();
+        unknown[8] |= 0x80;
+        assert!(decode_config(&unknown).is_err(), "unknown flag accepted");
         // A run beyond the announced RAM (256 pages), or a RAM size that is
         // not a whole number of pages, is refused.
-        assert!(decode_config(&encode_config(1 << 20, false, &[(250, 7)], b"")).is_err());
-        assert!(decode_config(&encode_config(4097, false, &[], b"")).is_err());
+        assert!(decode_config(&encode_config(
+            1 << 20,
+            ConfigFlags::default(),
+            &[(250, 7)],
+            b""
+        ))
+        .is_err());
+        assert!(decode_config(&encode_config(4097, ConfigFlags::default(), &[], b"")).is_err());
         // A run count larger than the bytes that follow is refused before
         // anything is allocated.
-        let mut p = encode_config(1 << 20, false, &[], b"");
+        let mut p = encode_config(1 << 20, ConfigFlags::default(), &[], b"");
         p[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_config(&p).is_err());
     }
@@ -822,7 +939,8 @@ mod tests {
     #[test]
     fn runs_must_be_sorted_disjoint_and_few() {
         let ok = |runs: &[(u64, u64)]| {
-            decode_config(&encode_config(1 << 20, false, runs, b"")).map(|c| c.populated)
+            decode_config(&encode_config(1 << 20, ConfigFlags::default(), runs, b""))
+                .map(|c| c.populated)
         };
         assert!(
             ok(&[(0, 4), (4, 4), (10, 1)]).is_ok(),
@@ -832,7 +950,7 @@ mod tests {
         assert!(ok(&[(10, 1), (0, 4)]).is_err(), "unsorted");
         assert!(ok(&[(0, 256), (0, 256)]).is_err(), "the same run twice");
         let many: Vec<_> = (0..MAX_CONFIG_RUNS as u64 + 1).map(|i| (i, 1)).collect();
-        let p = encode_config(1 << 30, false, &many, b"");
+        let p = encode_config(1 << 30, ConfigFlags::default(), &many, b"");
         let err = decode_config(&p).unwrap_err();
         assert!(err.to_string().contains("at most"), "{err}");
     }

@@ -13,15 +13,26 @@
 //! read: a peer trickling one byte at a time is cut off), the wait for
 //! post-copy's fault connection; before authentication, frames of a few
 //! KiB at most and no buffer larger than that.
+//!
+//! The switch-over is a commit (drawn in [`crate::protocol`]): at
+//! `Complete` the destination checks that every page `Config` declared
+//! arrived (or, in post-copy, is still to come), that the checksums
+//! `Config` announced arrived and match, and answers `Prepared`, paused. It
+//! resumes only on `Commit`, and only if [`Switch`] did not decide to
+//! discard first; without `Commit` within [`COMMIT_WAIT`] it discards.
+//! After a discard that followed `Prepared` it stays reachable for
+//! [`RECOVER_WINDOW`], answering the source's `OutcomeQuery`.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, Secret};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::{decode_batch, PageData, PAGE};
-use crate::deadline::{DeadlineReader, Duplex as ReadWrite};
+use crate::commit::{self, Outcome, Switch};
+use crate::deadline::{DeadlineReader, Duplex as ReadWrite, TimedRead};
 use crate::endpoint::DestinationVm;
 use crate::error::{vm_err, MigrationError};
 use crate::placement::{self, Placed};
@@ -30,6 +41,14 @@ use crate::protocol::{self, malformed, write_frame, Abort, AbortCode, Kind, Prot
 use crate::report::{now_ns, PostcopyReport, PostcopyStats, ResumedInfo};
 use crate::state::DestinationPhase;
 use crate::{transport, verify};
+
+/// How long the destination waits for `Commit` after `Prepared`: the
+/// source sends it at once; past this, the destination discards.
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a destination that discarded after `Prepared` stays to tell a
+/// source that lost track (`OutcomeQuery`) that it did.
+pub const RECOVER_WINDOW: Duration = Duration::from_secs(30);
 
 /// What the destination saw.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -115,6 +134,8 @@ pub fn receive_on<D: DestinationVm>(
     // page batch (larger than the buffer) is read straight into the frame
     // buffer instead of being copied through this one.
     let mut reader = BufReader::with_capacity(64 << 10, raw);
+    let switch = Arc::new(Switch::default());
+    switch.attach(writer.get_ref().try_clone().map_err(ProtocolError::from)?);
     let mut session = Session {
         listener,
         secret,
@@ -122,17 +143,55 @@ pub fn receive_on<D: DestinationVm>(
         reader: &mut reader,
         writer: &mut writer,
         out: Received::default(),
+        switch: switch.clone(),
+        prepared_sent: false,
     };
     let result = session.run(dst);
+    let prepared_sent = session.prepared_sent;
     if let Err(e) = &result {
-        if !matches!(e, MigrationError::MissingPages { .. }) {
-            dst.discard();
-        }
+        let outcome = match e {
+            // Post-copy lost its source: the guest is paused, never discarded.
+            MigrationError::MissingPages { .. } => Outcome::Resumed,
+            _ => give_up(dst, &switch),
+        };
         let abort = e.to_abort(AbortCode::DestinationFailed);
         let _ = write_frame(&mut writer, Kind::Abort, &abort.encode());
         let _ = writer.flush();
+        if prepared_sent && outcome == Outcome::Discarded {
+            linger_for_the_source(&switch);
+        }
     }
     result
+}
+
+/// After a failure: discards the machine unless the source was told it
+/// runs here. A guest that already resumed is stopped *before* the
+/// decision is taken back, so that it never runs while the source might.
+fn give_up<D: DestinationVm>(dst: &mut D, switch: &Switch) -> Outcome {
+    if switch.discard() == Outcome::Discarded {
+        dst.discard();
+        return Outcome::Discarded;
+    }
+    dst.pause_guest();
+    if switch.revoke() {
+        dst.discard();
+        return Outcome::Discarded;
+    }
+    tracing::error!("the source was told the guest runs here: it is kept, paused");
+    Outcome::Resumed
+}
+
+/// The source may have sent `Commit` that never arrived: it is then
+/// fenced, waiting to learn that this side discarded. Stay to tell it.
+fn linger_for_the_source(switch: &Switch) {
+    tracing::warn!(
+        "the guest was discarded here after Prepared; answering the source's outcome query for up to {} s",
+        RECOVER_WINDOW.as_secs()
+    );
+    if switch.wait_for_query(RECOVER_WINDOW) {
+        // Let the answer leave before the process ends.
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 struct Session<'a> {
@@ -142,6 +201,10 @@ struct Session<'a> {
     reader: &'a mut BufReader<DeadlineReader<TcpStream>>,
     writer: &'a mut BufWriter<TcpStream>,
     out: Received,
+    /// The single resume-or-discard decision.
+    switch: Arc<Switch>,
+    /// `Prepared` went out: the source may commit from now on.
+    prepared_sent: bool,
 }
 
 /// Accepts and authenticates the fault connection, within
@@ -210,6 +273,11 @@ fn fault_handshake(
 struct Prepared {
     ram_pages: u64,
     postcopy: bool,
+    /// `Config` announced `Checksums`: they cannot be left out.
+    verify: bool,
+    /// The pages `Config` declared: each must arrive, or in post-copy be
+    /// named by `PostcopyBegin`, before `Prepared`.
+    declared: Vec<(u64, u64)>,
     /// Post-copy's userfaultfd and threads, ready to be armed.
     postcopy_ready: Option<PostcopyDestination>,
     info: ResumedInfo,
@@ -217,8 +285,8 @@ struct Prepared {
 
 /// What the destination holds while the frames come.
 struct Receiving {
-    /// Pages written so far: a zero page for one of them must overwrite
-    /// it; any other is already zero (fresh memfd).
+    /// Pages received so far (zero pages included): a zero page for one of
+    /// them must overwrite it; any other is already zero (fresh memfd).
     written: DirtyBitmap,
     run: PageRun,
     /// `--verify`: the source's CRC of every page.
@@ -230,6 +298,9 @@ struct Receiving {
 impl Session<'_> {
     fn run<D: DestinationVm>(&mut self, dst: &mut D) -> Result<Received, MigrationError> {
         let mut prepared = self.prepare(dst)?;
+        // The fault connection (if any) is accepted: from now on a new
+        // connection can only be a source asking what became of the guest.
+        commit::serve_queries(self.listener, self.secret, self.switch.clone())?;
         let ram_pages = prepared.ram_pages;
         let mut rx = Receiving {
             written: DirtyBitmap::new(ram_pages),
@@ -295,7 +366,8 @@ impl Session<'_> {
                     rx.armed = Some(ready);
                     prepared.info.postcopy_setup_ms = t.elapsed().as_secs_f64() * 1e3;
                 }
-                Kind::Complete => return self.complete(dst, phase, prepared, rx),
+                Kind::Complete => self.send_prepared(dst, &mut prepared, &rx)?,
+                Kind::Commit => return self.complete(dst, phase, prepared, rx),
                 Kind::Abort => {
                     return Err(ProtocolError::PeerAborted(Abort::decode(&payload)?).into())
                 }
@@ -345,6 +417,7 @@ impl Session<'_> {
         let protocol::ConfigMsg {
             ram_size,
             postcopy,
+            verify,
             populated,
             machine: cfg,
         } = protocol::decode_config(&config)?;
@@ -380,6 +453,8 @@ impl Session<'_> {
         Ok(Prepared {
             ram_pages,
             postcopy,
+            verify,
+            declared: populated,
             postcopy_ready,
             info,
         })
@@ -396,7 +471,11 @@ impl Session<'_> {
         let zero = [0u8; PAGE];
         decode_batch::<MigrationError>(payload, ram_pages, |page, data| {
             let bytes = match data {
-                PageData::Zero if !rx.written.contains(page) => return Ok(()),
+                PageData::Zero if !rx.written.contains(page) => {
+                    // Already zero: nothing to write, but it arrived.
+                    rx.written.insert(page);
+                    return Ok(());
+                }
                 PageData::Zero => &zero[..],
                 PageData::Bytes(b) => b,
             };
@@ -430,6 +509,15 @@ impl Session<'_> {
         prepared: Prepared,
         rx: Receiving,
     ) -> Result<Received, MigrationError> {
+        if !self.switch.commit() {
+            return Err(MigrationError::Discarded);
+        }
+        // Post-copy's push follows on this connection: back to the usual
+        // tolerance for a silent peer.
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(transport::PEER_TIMEOUT))
+            .map_err(ProtocolError::Io)?;
         let ram_size = prepared.ram_pages * PAGE as u64;
         match (phase, rx.armed) {
             (DestinationPhase::Postcopy, Some(pc)) => {
@@ -439,25 +527,57 @@ impl Session<'_> {
                 // A pre-copy chosen after post-copy was announced:
                 // unregister before the guest runs.
                 drop(prepared.postcopy_ready);
-                self.complete_precopy(dst, ram_size, rx.checksums, prepared.info)
+                self.complete_precopy(dst, rx.checksums.is_some(), prepared.info)
             }
         }
     }
 
-    /// Pre-copy's end: every page is here; verify, resume, confirm.
+    /// `Complete`: everything the source will send before the switch-over
+    /// is here. Checks that nothing declared is missing and that every
+    /// page matches the source's checksums, then answers `Prepared` and
+    /// waits (bounded) for `Commit`.
+    fn send_prepared<D: DestinationVm>(
+        &mut self,
+        dst: &mut D,
+        prepared: &mut Prepared,
+        rx: &Receiving,
+    ) -> Result<(), MigrationError> {
+        let needed = rx.armed.as_ref().map(|pc| pc.shared.needed_pages());
+        check_accounted(prepared, &rx.written, needed.as_ref())?;
+        let ram_size = prepared.ram_pages * PAGE as u64;
+        match (&rx.checksums, prepared.verify) {
+            (None, true) => return Err(MigrationError::ChecksumsMissing),
+            (None, false) => {}
+            (Some(expected), _) => {
+                // In post-copy the pages still to come are checked on arrival.
+                let to_come = |p| needed.as_ref().is_some_and(|n| n.contains(p));
+                verify_pages(dst, ram_size, expected, &mut prepared.info, to_come)?;
+            }
+        }
+        write_frame(self.writer, Kind::Prepared, &[])?;
+        self.writer.flush().map_err(ProtocolError::Io)?;
+        self.prepared_sent = true;
+        // Never resume without `Commit`: a silent source means a discard.
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(COMMIT_WAIT))
+            .map_err(ProtocolError::Io)?;
+        Ok(())
+    }
+
+    /// Pre-copy's end: every page is here and verified; resume, confirm.
     fn complete_precopy<D: DestinationVm>(
         &mut self,
         dst: &mut D,
-        ram_size: u64,
-        checksums: Option<Vec<Option<u32>>>,
+        verify: bool,
         mut info: ResumedInfo,
     ) -> Result<Received, MigrationError> {
-        let verify = checksums.is_some();
-        if let Some(expected) = checksums {
-            verify_pages(dst, ram_size, &expected, &mut info, |_| false)?;
-        }
         resume(dst, &mut info, verify)?;
-        self.send_resumed(&info)?;
+        // The guest runs here now; a lost `Resumed` must not stop it: the
+        // fenced source asks (`OutcomeQuery`) and learns it.
+        if let Err(e) = self.send_resumed(&info) {
+            tracing::warn!("Resumed could not be sent ({e}); the guest runs here");
+        }
         self.out.resumed = info;
         Ok(std::mem::take(&mut self.out))
     }
@@ -472,13 +592,9 @@ impl Session<'_> {
         mut info: ResumedInfo,
         mut pc: PostcopyDestination,
     ) -> Result<Received, MigrationError> {
+        // The pages already here were verified before `Prepared`; those
+        // still to come are checked as they arrive.
         let verify = checksums.is_some();
-        if let Some(expected) = &checksums {
-            // The pages already here; those still to come are checked as
-            // they arrive.
-            let shared = pc.shared.clone();
-            verify_pages(dst, ram_size, expected, &mut info, |p| shared.is_needed(p))?;
-        }
         resume(dst, &mut info, false)?;
         let resumed_at = Instant::now();
         self.send_resumed(&info)?;
@@ -561,6 +677,27 @@ impl Session<'_> {
         self.writer.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
+}
+
+/// Fails unless every page `Config` declared arrived or, in post-copy, is
+/// among the `needed` pages still to come.
+fn check_accounted(
+    prepared: &Prepared,
+    received: &DirtyBitmap,
+    needed: Option<&DirtyBitmap>,
+) -> Result<(), MigrationError> {
+    let mut missing = DirtyBitmap::from_runs(prepared.ram_pages, &prepared.declared);
+    missing.subtract(received);
+    if let Some(n) = needed {
+        missing.subtract(n);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(MigrationError::Undelivered {
+        count: missing.count(),
+        first: missing.runs().take(4).collect(),
+    })
 }
 
 /// Consecutive received pages, written to RAM with one call: far fewer

@@ -92,6 +92,9 @@ pub struct PageSender<'a, V: SourceVm> {
     pause_margin: Duration,
     /// Set when the pause bound fired.
     pause_overrun: Arc<AtomicBool>,
+    /// The page runs `Config` declared: each must reach the destination
+    /// (round 0, or post-copy), which checks that they did.
+    pub declared: Vec<(u64, u64)>,
 }
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
@@ -117,6 +120,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
             max_downtime: opts.max_downtime,
             pause_margin: opts.pause_margin,
             pause_overrun: Arc::default(),
+            declared: Vec::new(),
         }
     }
 

@@ -2,8 +2,11 @@
 //! policy, then run the phases it chooses — pre-copy rounds
 //! ([`crate::precopy`]), the switch-over ([`crate::stop_and_copy`]),
 //! post-copy ([`crate::postcopy`]) — following [`SourcePhase`]. On any
-//! failure before the destination confirms it runs, the source guest is
-//! resumed exactly as it was: it has lost nothing.
+//! failure before `Commit`, the source guest is resumed exactly as it was:
+//! it has lost nothing. After `Commit` the source is fenced: it asks the
+//! destination what it did ([`crate::commit::query`]) and resumes only if
+//! the destination discarded the guest; if it cannot tell, it keeps the
+//! guest paused and says so ([`MigrationError::OutcomeUnknown`]).
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{self, Secret};
 use crate::codec::PAGE;
+use crate::commit::{self, Outcome};
 use crate::control::{Control, ControlHandle};
 use crate::deadline::{DeadlineReader, Duplex};
 use crate::endpoint::SourceVm;
@@ -22,12 +26,13 @@ use crate::policy::{
 };
 use crate::postcopy::SourceShared;
 use crate::precopy::PrecopyOutcome;
-use crate::protocol::{self, write_frame, Abort, AbortCode, Kind, ProtocolError};
+use crate::protocol::{self, write_frame, Abort, AbortCode, ConfigFlags, Kind, ProtocolError};
 use crate::report::{DowntimeOverrun, Report};
 use crate::sender::{set_progress, PageSender};
 /// The progress handle a caller passes to [`migrate`].
 pub use crate::sender::{Progress, ProgressHandle};
 use crate::state::{SourceEvent, SourcePhase};
+use crate::stop_and_copy::Fence;
 use crate::{access_rate, precopy, stop_and_copy, transport};
 
 /// Most runs in `Config`'s populated-memory hint (1 MiB of payload): as
@@ -129,9 +134,14 @@ fn run_migration<V: SourceVm>(
     let mut setup = policy.setup(&setup_view)?;
     // Asked up front, so that a running pre-copy may switch to post-copy.
     setup.may_postcopy |= opts.postcopy_ready;
-    let fault_conn = send_config(vm, &mut stream, addr, secret, setup)?;
+    let flags = ConfigFlags {
+        postcopy: setup.may_postcopy,
+        verify: opts.verify,
+    };
+    let (fault_conn, declared) = send_config(vm, &mut stream, addr, secret, flags)?;
     control.set_postcopy_prepared(fault_conn.is_some());
     let mut sender = PageSender::new(vm, stream, opts, progress, control);
+    sender.declared = declared;
     let plan = plan(&mut sender, policy, setup, setup_view)?;
     phase = phase.next(SourceEvent::Planned(plan.plan.start))?;
     let mut history = History {
@@ -144,7 +154,7 @@ fn run_migration<V: SourceVm>(
         bytes_sent: 0,
     };
     let shared = SourceShared::default();
-    let mut paused = false;
+    let mut fence = Fence::default();
     let ram_pages = vm.ram_size() / PAGE as u64;
     let result = std::thread::scope(|scope| {
         let can_postcopy = fault_conn.is_some();
@@ -164,9 +174,10 @@ fn run_migration<V: SourceVm>(
             policy,
             history: &mut history,
             phase: &mut phase,
-            paused: &mut paused,
+            fence: &mut fence,
             shared: &shared,
             verify: opts.verify,
+            commit_timeout: opts.commit_timeout,
             can_postcopy,
             started,
         };
@@ -200,11 +211,12 @@ fn run_migration<V: SourceVm>(
         }
         Err(e) if e.is_cancelled() => {
             // The Abort went before the connection closed.
-            if paused {
+            if fence.may_resume() {
                 vm.resume();
             }
             Err(e)
         }
+        Err(e) if fence.committed => after_commit_failure(vm, addr, secret, fence, e),
         Err(e) => {
             // The pause bound shut the connection: that is why it failed.
             // Otherwise a destination that gives up says why in an Abort
@@ -219,7 +231,7 @@ fn run_migration<V: SourceVm>(
             let abort = e.to_abort(AbortCode::SourceFailed);
             let _ = sender.send(Kind::Abort, &abort.encode());
             let _ = sender.flush();
-            if paused {
+            if fence.may_resume() {
                 vm.resume();
             }
             Err(e)
@@ -246,6 +258,61 @@ fn handshake(stream: &TcpStream, secret: &Secret) -> Result<(), MigrationError> 
     Ok(())
 }
 
+/// The source wrote `Commit` and then failed: it is fenced. It asks the
+/// destination (a new connection) what it did with the guest and acts on
+/// the answer, never on a guess:
+/// - discarded: the destination never ran it; the source resumes;
+/// - resumed (pre-copy): the guest lives there; the migration succeeded;
+/// - resumed (post-copy), or no answer: the guest stays paused here, and
+///   the error says so.
+fn after_commit_failure<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    secret: &Secret,
+    fence: Fence,
+    e: MigrationError,
+) -> Result<Report, MigrationError> {
+    tracing::warn!("failed after Commit ({e}): asking the destination what it did");
+    if fence.resumed {
+        // Post-copy: the destination runs the guest with pages missing.
+        return Err(MigrationError::PostcopyFenced(error_chain(&e)));
+    }
+    match commit::query(addr, secret) {
+        Ok(Outcome::Discarded) => {
+            tracing::warn!("the destination discarded the guest: resuming it here");
+            vm.resume();
+            Err(e)
+        }
+        Ok(Outcome::Resumed) if fence.postcopy => {
+            Err(MigrationError::PostcopyFenced(error_chain(&e)))
+        }
+        Ok(Outcome::Resumed) => {
+            tracing::warn!("the destination resumed the guest: the migration succeeded");
+            Ok(Report {
+                mode: "pre".into(),
+                guest_detail: format!(
+                    "Resumed was lost ({}); the destination confirmed it resumed when asked",
+                    error_chain(&e)
+                ),
+                ..Default::default()
+            })
+        }
+        Ok(Outcome::Undecided) => Err(outcome_unknown(addr, &e, "the destination is undecided")),
+        Err(q) => Err(outcome_unknown(
+            addr,
+            &e,
+            &format!("asking it failed: {}", error_chain(&q)),
+        )),
+    }
+}
+
+fn outcome_unknown(addr: &str, e: &MigrationError, why: &str) -> MigrationError {
+    MigrationError::OutcomeUnknown {
+        to: addr.to_string(),
+        why: format!("{}; {why}", error_chain(e)),
+    }
+}
+
 /// Bytes of RAM the guest ever wrote.
 fn populated_bytes<V: SourceVm>(vm: &V) -> Result<u64, MigrationError> {
     Ok(vm
@@ -256,6 +323,9 @@ fn populated_bytes<V: SourceVm>(vm: &V) -> Result<u64, MigrationError> {
         .sum())
 }
 
+/// The fault connection (post-copy) and the page runs `Config` declared.
+type Configured = (Option<TcpStream>, Vec<(u64, u64)>);
+
 /// Sends `Config`, opens the fault connection if post-copy may follow,
 /// and waits until the destination is `Ready`.
 fn send_config<V: SourceVm>(
@@ -263,8 +333,8 @@ fn send_config<V: SourceVm>(
     stream: &mut TcpStream,
     addr: &str,
     secret: &Secret,
-    setup: Setup,
-) -> Result<Option<TcpStream>, MigrationError> {
+    flags: ConfigFlags,
+) -> Result<Configured, MigrationError> {
     // Config first: it tells the destination whether a fault connection follows.
     let config = vm.config_blob().map_err(vm_err("read config"))?;
     // What round 0 will send, so that the destination may allocate it ahead.
@@ -275,12 +345,12 @@ fn send_config<V: SourceVm>(
     write_frame(
         stream,
         Kind::Config,
-        &protocol::encode_config(vm.ram_size(), setup.may_postcopy, &populated, &config),
+        &protocol::encode_config(vm.ram_size(), flags, &populated, &config),
     )?;
     stream.flush().map_err(ProtocolError::from)?;
     // Post-copy's demand requests get a connection of their own, so that a
     // faulting vCPU never waits behind bulk pages.
-    let fault_conn = if setup.may_postcopy {
+    let fault_conn = if flags.postcopy {
         let mut f = transport::connect(addr)?;
         handshake(&f, secret)?;
         write_frame(&mut f, Kind::FaultChannel, &[])?;
@@ -291,7 +361,7 @@ fn send_config<V: SourceVm>(
     };
     // The destination built its VM: nothing of that lands in the downtime.
     protocol::read_frame(stream)?.expect(Kind::Ready)?;
-    Ok(fault_conn)
+    Ok((fault_conn, populated))
 }
 
 /// The policy's plan, and the rates measured for it.
@@ -387,9 +457,10 @@ struct Run<'r, 'a, V: SourceVm> {
     policy: &'r mut dyn Policy,
     history: &'r mut History,
     phase: &'r mut SourcePhase,
-    paused: &'r mut bool,
+    fence: &'r mut Fence,
     shared: &'r SourceShared,
     verify: bool,
+    commit_timeout: Duration,
     can_postcopy: bool,
     started: Instant,
 }
@@ -401,7 +472,18 @@ impl<V: SourceVm> Run<'_, '_, V> {
         let result = self.run_phases();
         match &result {
             Err(e) if e.is_cancelled() => *self.phase = self.phase.next(SourceEvent::Cancel)?,
-            Err(_) => *self.phase = self.phase.next(SourceEvent::Fail)?,
+            Err(_) => {
+                // The phase moves only when a switch-over returns: catch up
+                // with how far it got, so that a failure after `Commit` is
+                // an unknown outcome, not a plain failure.
+                if self.fence.committed && matches!(self.phase, SourcePhase::SwitchOver { .. }) {
+                    *self.phase = self.phase.next(SourceEvent::Commit)?;
+                }
+                if self.fence.resumed && matches!(self.phase, SourcePhase::Committed { .. }) {
+                    *self.phase = self.phase.next(SourceEvent::Resumed)?;
+                }
+                *self.phase = self.phase.next(SourceEvent::Fail)?;
+            }
             Ok(_) => {}
         }
         set_progress(&self.sender.progress, |p| {
@@ -426,8 +508,14 @@ impl<V: SourceVm> Run<'_, '_, V> {
         match pre {
             Some(pre) if !pre.postcopy => {
                 self.sender.control.commit_switch_over()?;
-                let report =
-                    stop_and_copy::switch_over(self.sender, self.verify, pre, self.paused)?;
+                let report = stop_and_copy::switch_over(
+                    self.sender,
+                    self.verify,
+                    self.commit_timeout,
+                    pre,
+                    self.fence,
+                )?;
+                *self.phase = self.phase.next(SourceEvent::Commit)?;
                 *self.phase = self.phase.next(SourceEvent::Resumed)?;
                 Ok(report)
             }
@@ -442,14 +530,17 @@ impl<V: SourceVm> Run<'_, '_, V> {
         }
         self.sender.control.commit_switch_over()?;
         let order = self.policy.push_order(self.history)?;
+        self.fence.postcopy = true;
         let report = stop_and_copy::switch_over_postcopy(
             self.sender,
             self.verify,
+            self.commit_timeout,
             pre,
-            self.paused,
+            self.fence,
             self.shared,
             order,
         )?;
+        *self.phase = self.phase.next(SourceEvent::Commit)?;
         *self.phase = self.phase.next(SourceEvent::Resumed)?;
         *self.phase = self.phase.next(SourceEvent::PostcopyComplete)?;
         Ok(report)

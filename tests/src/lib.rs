@@ -243,6 +243,16 @@ impl VmmProcess {
         self.child.id()
     }
 
+    /// Its control socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// Whether the process still runs.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends a request; panics unless it succeeds.
     pub fn call(&self, req: Value) -> Value {
         let resp = vmm::api::call(&self.socket, &req).expect("control socket call");
@@ -543,112 +553,223 @@ pub fn migrate(
     )
 }
 
-/// What a [`Proxy`] does to the stream from source to destination.
-#[derive(Debug, Clone, Copy)]
-pub enum Fault {
-    /// Closes both connections after forwarding this many bytes.
-    CutAfter(u64),
-    /// Flips one bit of the byte at this offset.
-    FlipAt(u64),
-    /// After forwarding this many bytes, forwards nothing more in either
-    /// direction and keeps both connections open: a silent partition.
-    StallAfter(u64),
+/// A direction of a migration connection, seen from the [`Proxy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    ToDestination,
+    ToSource,
 }
 
-/// A TCP proxy on loopback that injects one fault into the first
-/// connection it carries (later ones, such as post-copy's fault
-/// connection, are forwarded as they are, until a stall stops them too).
+/// The `nth` frame (from 0) of kind `kind` going `dir` on the main
+/// connection (the first one the proxy carries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    pub dir: Dir,
+    pub kind: migration::protocol::Kind,
+    pub nth: u32,
+}
+
+impl At {
+    /// The first frame of `kind` going `dir`.
+    pub fn first(dir: Dir, kind: migration::protocol::Kind) -> Self {
+        Self { dir, kind, nth: 0 }
+    }
+}
+
+/// What a [`Proxy`] does to the stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Closes both connections after forwarding this many bytes (source to
+    /// destination).
+    CutAfter(u64),
+    /// Flips one bit of the byte at this offset (source to destination).
+    FlipAt(u64),
+    /// Drops that frame and forwards the rest.
+    Drop(At),
+    /// Drops every frame of this kind going this way.
+    DropAll(Dir, migration::protocol::Kind),
+    /// Cuts every connection instead of forwarding that frame (the frame
+    /// is lost); later connections are carried again (the link came back).
+    CutBefore(At),
+    /// Forwards that frame, then cuts every connection.
+    CutAfterFrame(At),
+    /// Holds that frame and everything after it, on every connection,
+    /// sockets left open: a silent partition; later connections stall too.
+    Stall(At),
+}
+
+/// What a [`Proxy`] shares between its threads.
+#[derive(Default)]
+struct ProxyState {
+    /// The fault's frame was seen.
+    triggered: std::sync::atomic::AtomicBool,
+    stalled: std::sync::atomic::AtomicBool,
+    /// Every socket of the connections carried so far, to cut them.
+    sockets: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl ProxyState {
+    fn cut(&self) {
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits while the link is stalled (forever, as a partition does).
+    fn hold_if_stalled(&self) {
+        while self.stalled.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A TCP proxy on loopback that injects one fault into the migration it
+/// carries. Byte faults apply to the first connection's source-to-
+/// destination stream; frame faults parse the frames of the first
+/// (main) connection in both directions; cuts and stalls hit every
+/// connection (post-copy's fault connection too).
 pub struct Proxy {
     /// `tcp:127.0.0.1:PORT` to give the source.
     pub addr: String,
+    state: std::sync::Arc<ProxyState>,
 }
 
 impl Proxy {
     /// Forwards to `target` (`HOST:PORT`) with `fault`.
     pub fn start(target: &str, fault: Fault) -> Self {
-        use std::net::{TcpListener, TcpStream};
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let addr = format!("tcp:{}", listener.local_addr().unwrap());
-        let target = target.to_string();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let (target, st) = (target.to_string(), state.clone());
         std::thread::spawn(move || {
-            let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let mut first = true;
-            for src in listener.incoming().flatten() {
-                let Ok(dst) = TcpStream::connect(&target) else {
-                    return;
+            for (i, conn) in listener.incoming().enumerate() {
+                let Ok(src) = conn else { return };
+                let Ok(dst) = std::net::TcpStream::connect(&target) else {
+                    continue; // the destination is gone: the source sees a close
                 };
-                let fault = if first { Some(fault) } else { None };
-                first = false;
-                let stalled = stalled.clone();
-                std::thread::spawn(move || forward(src, dst, fault, &stalled));
+                let fault = (i == 0).then_some(fault);
+                st.sockets
+                    .lock()
+                    .unwrap()
+                    .extend([src.try_clone().unwrap(), dst.try_clone().unwrap()]);
+                for dir in [Dir::ToDestination, Dir::ToSource] {
+                    let (from, to) = match dir {
+                        Dir::ToDestination => (src.try_clone().unwrap(), dst.try_clone().unwrap()),
+                        Dir::ToSource => (dst.try_clone().unwrap(), src.try_clone().unwrap()),
+                    };
+                    let st = st.clone();
+                    std::thread::spawn(move || pump(from, to, dir, fault, &st));
+                }
             }
         });
-        Self { addr }
+        Self { addr, state }
+    }
+
+    /// Waits until the fault's frame went by (or `timeout`).
+    pub fn wait_triggered(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .state
+            .triggered
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Cuts every connection now (what the kernel does when a peer dies).
+    pub fn cut(&self) {
+        self.state
+            .stalled
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.state.cut();
     }
 }
 
-/// Carries one proxied connection: destination to source as it is, source
-/// to destination with `fault`. Once any connection stalled, none forwards
-/// another byte (the sockets stay open: a partition, not a cut).
-fn forward(
-    src: std::net::TcpStream,
-    dst: std::net::TcpStream,
+/// Forwards `from` to `to`, applying `fault` (if this is the main
+/// connection) to the frames going `dir`.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    dir: Dir,
     fault: Option<Fault>,
-    stalled: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    st: &ProxyState,
 ) {
     use std::io::Write;
-    use std::net::Shutdown;
     use std::sync::atomic::Ordering;
-    let (mut d2, mut s2) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
-    let stall = stalled.clone();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n @ 1..) = d2.read(&mut buf) {
-            if stall.load(Ordering::Acquire) || s2.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        if !stall.load(Ordering::Acquire) {
-            let _ = s2.shutdown(Shutdown::Write);
-        }
-    });
-    let (mut s, mut d) = (src, dst);
-    let mut buf = vec![0u8; 64 << 10];
     let mut pos = 0u64;
+    let mut seen = std::collections::HashMap::<u8, u32>::new();
     loop {
-        let n = match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &mut buf[..n];
+        st.hold_if_stalled();
+        let mut frame = vec![0u8; migration::protocol::HEADER_LEN];
+        if from.read_exact(&mut frame).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(frame[8..12].try_into().unwrap()) as usize;
+        frame.resize(migration::protocol::HEADER_LEN + len.min(64 << 20), 0);
+        if from
+            .read_exact(&mut frame[migration::protocol::HEADER_LEN..])
+            .is_err()
+        {
+            break;
+        }
+        let kind = frame[4];
+        let n = seen.entry(kind).or_default();
+        let this = |at: &At| at.dir == dir && at.kind as u8 == kind && at.nth == *n;
+        let mut forward = true;
         match fault {
-            Some(Fault::CutAfter(at)) if pos + n as u64 >= at => {
-                let keep = (at - pos) as usize;
-                let _ = d.write_all(&chunk[..keep]);
-                let _ = s.shutdown(Shutdown::Both);
-                let _ = d.shutdown(Shutdown::Both);
+            Some(Fault::CutAfter(at))
+                if dir == Dir::ToDestination && pos + frame.len() as u64 >= at =>
+            {
+                let _ = to.write_all(&frame[..(at - pos) as usize]);
+                st.cut();
                 return;
             }
-            Some(Fault::FlipAt(at)) if (pos..pos + n as u64).contains(&at) => {
-                chunk[(at - pos) as usize] ^= 0x04;
+            Some(Fault::FlipAt(at))
+                if dir == Dir::ToDestination && (pos..pos + frame.len() as u64).contains(&at) =>
+            {
+                frame[(at - pos) as usize] ^= 0x04;
             }
-            Some(Fault::StallAfter(at)) if pos + n as u64 >= at => {
-                stalled.store(true, Ordering::Release);
+            Some(Fault::Drop(at)) if this(&at) => forward = false,
+            Some(Fault::DropAll(d, k)) if d == dir && k as u8 == kind => forward = false,
+            Some(Fault::CutBefore(at)) if this(&at) => {
+                st.triggered.store(true, Ordering::Release);
+                st.cut();
+                return;
+            }
+            Some(Fault::Stall(at)) if this(&at) => {
+                st.stalled.store(true, Ordering::Release);
+                st.triggered.store(true, Ordering::Release);
+                st.hold_if_stalled();
             }
             _ => {}
         }
-        if stalled.load(Ordering::Acquire) {
-            // Hold both sockets open, reading nothing more (the test ends
-            // long before this does).
-            std::thread::sleep(Duration::from_secs(120));
-            return;
-        }
-        if d.write_all(chunk).is_err() {
+        *n += 1;
+        if forward && to.write_all(&frame).is_err() {
             break;
         }
-        pos += n as u64;
+        if !forward {
+            st.triggered.store(true, Ordering::Release);
+        }
+        if let Some(Fault::CutAfterFrame(at)) = fault {
+            if this_was(&at, dir, kind, *n) {
+                st.triggered.store(true, Ordering::Release);
+                st.cut();
+                return;
+            }
+        }
+        pos += frame.len() as u64;
     }
-    let _ = d.shutdown(Shutdown::Write);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether the frame just counted (the `n`th of its kind, from 1) is `at`.
+fn this_was(at: &At, dir: Dir, kind: u8, n: u32) -> bool {
+    at.dir == dir && at.kind as u8 == kind && at.nth + 1 == n
 }
 
 /// Parses a `--memory` value.

@@ -167,7 +167,18 @@ fn hostile_configs_are_refused_and_the_next_migration_succeeds() {
     let args = ["--fault-timeout", "1s", "--prefault"];
     let ends = Ends::start("hostile-config", SOURCE, Duration::ZERO, &args);
     let ram = RAM_PAGES * 4096;
-    let (why, took) = send_config(&ends, &protocol::encode_config(ram, true, &[], b"{}"));
+    let (why, took) = send_config(
+        &ends,
+        &protocol::encode_config(
+            ram,
+            protocol::ConfigFlags {
+                postcopy: true,
+                verify: false,
+            },
+            &[],
+            b"{}",
+        ),
+    );
     assert!(why.contains("fault connection"), "{why}");
     assert!(took < Duration::from_secs(4), "{took:?}");
     // 2 000 whole-RAM runs (the 23 s prefault of the issue), and others.
@@ -179,14 +190,17 @@ fn hostile_configs_are_refused_and_the_next_migration_succeeds() {
         ("beyond RAM", &[(RAM_PAGES - 1, 2)]),
     ];
     for (what, runs) in bad {
-        let (why, took) = send_config(&ends, &protocol::encode_config(ram, false, runs, b"{}"));
+        let (why, took) = send_config(
+            &ends,
+            &protocol::encode_config(ram, protocol::ConfigFlags::default(), runs, b"{}"),
+        );
         assert!(why.contains("runs"), "{what}: {why}");
         assert!(took < Duration::from_secs(1), "{what}: {took:?}");
     }
     let many: Vec<_> = (0..70_000u64).map(|i| (2 * i, 1)).collect();
     let (why, _) = send_config(
         &ends,
-        &protocol::encode_config(1 << 30, false, &many, b"{}"),
+        &protocol::encode_config(1 << 30, protocol::ConfigFlags::default(), &many, b"{}"),
     );
     assert!(why.contains("at most"), "{why}");
     real_migration_succeeds(&ends);

@@ -227,8 +227,14 @@ fn silent_partition_during_post_copy_ends_in_bounded_time() {
     let listen = format!("127.0.0.1:{}", free_port());
     let args = ["--once", "--frame-timeout", "2s"];
     let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &args);
-    // 64 MiB pushed at 100 Mbit/s: the stall comes 16 MiB into the push.
-    let proxy = Proxy::start(&listen, Fault::StallAfter(16 << 20));
+    // 64 MiB pushed at 100 Mbit/s: the stall comes at the 64th page frame
+    // (about 16 MiB into the push).
+    let stall = tests::At {
+        dir: tests::Dir::ToDestination,
+        kind: migration::protocol::Kind::Pages,
+        nth: 64,
+    };
+    let proxy = Proxy::start(&listen, Fault::Stall(stall));
     let t = std::time::Instant::now();
     let (ok, _, err) = migrate(
         &dir.join("src.sock"),

@@ -90,10 +90,26 @@ pub struct MigrateArgs {
     /// postcopy (finish in post-copy) or accept (take the long pause).
     #[arg(long, default_value = "fail", value_parser = ["fail", "postcopy", "accept"])]
     on_overrun: String,
+    /// How long to wait for the destination's answers at the switch-over
+    /// (Prepared, then Resumed after Commit), e.g. 30s. Past it, before
+    /// Commit the guest resumes here; after it, this side asks the
+    /// destination what it did, and never guesses.
+    #[arg(long, value_parser = parse_duration_ms)]
+    commit_timeout: Option<f64>,
+    /// Do not migrate: ask the destination what became of a guest a
+    /// previous migration left fenced here ("outcome unknown"), and act on
+    /// the answer (shut this copy down, or resume it).
+    #[arg(long)]
+    recover: bool,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
 }
+
+/// Exit code of `vmm migrate` when the outcome of the switch-over is
+/// unknown: the guest is paused on the source, and may run on the
+/// destination.
+pub const OUTCOME_UNKNOWN_EXIT: i32 = 4;
 
 /// `exec:PROGRAM` with PROGRAM made absolute: the source vmm, which runs
 /// it, has a working directory of its own.
@@ -193,6 +209,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
 /// [`migrate`], unless `interrupted` before the request is sent (a cancel
 /// sent before the migration began would find nothing to cancel).
 fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(), String> {
+    if args.recover {
+        return recover(&args);
+    }
     check_policy_flags(&args)?;
     let req = json!({
         "cmd": "migrate",
@@ -216,6 +235,7 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "policy": args.policy,
         "policy_deadline_ms": args.policy_deadline.map(|ms| ms.ceil() as u64),
         "postcopy_ready": args.postcopy_ready,
+        "commit_timeout_ms": args.commit_timeout.map(|ms| ms.ceil() as u64),
     });
     let sock = &args.api_socket;
     if interrupted() {
@@ -239,6 +259,11 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         std::thread::sleep(Duration::from_millis(50));
     };
     shown.finish();
+    if status["state"] == json!("outcome-unknown") {
+        let err = status["failure"].as_str().unwrap_or("outcome unknown");
+        eprintln!("error: migration committed, {err}");
+        std::process::exit(OUTCOME_UNKNOWN_EXIT);
+    }
     if status["state"] == json!("cancelled") {
         return Err("migration cancelled before the switch-over: the guest keeps running on the source as before".into());
     }
@@ -251,6 +276,32 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
     print_report(report);
     if args.json {
         println!("{report}");
+    }
+    Ok(())
+}
+
+/// `vmm migrate --recover`: asks the destination, through the source,
+/// what became of a fenced guest; exits with [`OUTCOME_UNKNOWN_EXIT`] if
+/// it still cannot tell.
+fn recover(args: &MigrateArgs) -> Result<(), String> {
+    let sock = &args.api_socket;
+    let req = json!({"cmd": "migrate_recover", "to": args.to, "secret_file": args.secret});
+    let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+    if resp["ok"] != json!(true) {
+        let err = resp["error"].as_str().unwrap_or("recover refused");
+        if !err.contains("outcome still unknown") {
+            return Err(err.to_string());
+        }
+        eprintln!("error: {err}");
+        std::process::exit(OUTCOME_UNKNOWN_EXIT);
+    }
+    eprintln!(
+        "destination: {}; {}",
+        resp["outcome"].as_str().unwrap_or("?"),
+        resp["action"].as_str().unwrap_or("")
+    );
+    if args.json {
+        println!("{resp}");
     }
     Ok(())
 }
@@ -541,6 +592,8 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             policy: None,
             policy_deadline: None,
             postcopy_ready: false,
+            commit_timeout: None,
+            recover: false,
             json: args.json,
         })
     })();

@@ -102,6 +102,20 @@ pub struct MigrateRequest {
     /// `postcopy` or `accept`.
     #[serde(default)]
     pub on_overrun: Option<String>,
+    /// How long to wait for the destination's `Prepared`, then `Resumed`
+    /// (default 30 s); see [`migration::Options::commit_timeout`].
+    #[serde(default)]
+    pub commit_timeout_ms: Option<u64>,
+}
+
+/// A `migrate_recover` request: ask the destination what became of a
+/// guest this source fenced (it committed and heard nothing back).
+#[derive(Debug, Deserialize)]
+pub struct RecoverRequest {
+    /// `tcp:HOST:PORT` of the destination.
+    pub to: String,
+    /// File holding the shared secret.
+    pub secret_file: PathBuf,
 }
 
 /// A migration in progress or finished.
@@ -115,6 +129,19 @@ struct MigrationSlot {
     result: Option<Result<migration::Report, String>>,
     /// The migration ended because it was cancelled.
     cancelled: bool,
+    /// The source committed and cannot tell what the destination did: the
+    /// guest stays paused here until `migrate_recover` finds out.
+    fenced: Option<Fenced>,
+}
+
+/// Why a source is fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fenced {
+    /// `Commit` went out, `Resumed` never came back.
+    OutcomeUnknown,
+    /// Post-copy lost the destination after it resumed: this copy keeps
+    /// every page the destination may still need.
+    Postcopy,
 }
 
 impl MigrationSlot {
@@ -122,6 +149,7 @@ impl MigrationSlot {
     fn state(&self) -> &'static str {
         match (&self.result, self.running) {
             (_, true) => "running",
+            (_, false) if self.fenced.is_some() => "outcome-unknown",
             (Some(Ok(_)), _) => "completed",
             (Some(Err(_)), _) if self.cancelled => "cancelled",
             (Some(Err(_)), _) => "failed",
@@ -205,6 +233,8 @@ pub enum Request {
     MigrateCancel,
     MigrateSetParameters(SetParametersRequest),
     MigrateStartPostcopy,
+    /// Ask the destination what became of a fenced guest, and act on it.
+    MigrateRecover(RecoverRequest),
     /// The migration events after `after` (all kept ones without it),
     /// waiting up to `wait_ms` for one to come.
     Events {
@@ -328,7 +358,10 @@ impl Controller {
         }
         match req {
             Request::Pause => self.with(|m| m.pause()),
-            Request::Resume => self.with(|m| m.resume()),
+            Request::Resume => {
+                self.refuse_if_fenced("resume")?;
+                self.with(|m| m.resume())
+            }
             Request::State => return self.with(state_json),
             Request::Save { path } => {
                 return self.with(|m| {
@@ -369,6 +402,7 @@ impl Controller {
             Request::MigrateCancel => return self.cancel_migration(),
             Request::MigrateSetParameters(req) => return self.set_parameters(&req),
             Request::MigrateStartPostcopy => return self.start_postcopy(),
+            Request::MigrateRecover(req) => return self.recover(&req),
             Request::Events { after, wait_ms } => {
                 let wait = Duration::from_millis(wait_ms.unwrap_or(0).min(MAX_EVENTS_WAIT_MS));
                 let events = self.events.after(after.unwrap_or(0), wait);
@@ -425,10 +459,77 @@ impl Controller {
                 slot.running = false;
                 slot.finished_at = Some(Instant::now());
                 slot.cancelled = r.as_ref().is_err_and(|e| e.is_cancelled());
+                slot.fenced = match &r {
+                    Err(migration::MigrationError::PostcopyFenced(_)) => Some(Fenced::Postcopy),
+                    Err(e) if e.is_fenced() => Some(Fenced::OutcomeUnknown),
+                    _ => None,
+                };
                 slot.result = Some(r.map_err(|e| error_chain(&e)));
             })
             .map_err(|e| e.to_string())?;
         Ok(json!({"started": true}))
+    }
+
+    /// Refuses `what` while the source is fenced: the guest may run on the
+    /// destination.
+    fn refuse_if_fenced(&self, what: &str) -> Result<(), String> {
+        let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.fenced {
+            Some(_) => Err(format!(
+                "refusing to {what}: the migration committed and the destination may run the guest; run `vmm migrate --recover` to ask it"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// `migrate_recover`: asks the destination (same authentication) what
+    /// it did with the guest this source fenced. Resumed there: this copy
+    /// shuts down (migrated away), or in post-copy stays paused with every
+    /// page. Discarded there: the guest resumes here. No answer: nothing
+    /// changes, and the answer says so.
+    fn recover(&self, req: &RecoverRequest) -> Result<Value, String> {
+        let secret =
+            migration::auth::Secret::from_file(&req.secret_file).map_err(|e| error_chain(&e))?;
+        let fenced = {
+            let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.running {
+                return Err("a migration is running: nothing to recover yet".into());
+            }
+            slot.fenced
+                .ok_or("this source is not fenced: nothing to recover")?
+        };
+        let outcome = migration::commit::query(&req.to, &secret).map_err(|e| {
+            format!(
+                "outcome still unknown, the guest stays paused here: cannot ask the destination: {}",
+                error_chain(&e)
+            )
+        })?;
+        let mut slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let action = match (outcome, fenced) {
+            (migration::commit::Outcome::Discarded, _) => {
+                slot.fenced = None;
+                self.machine().resume();
+                "the destination discarded the guest: it runs here again"
+            }
+            (migration::commit::Outcome::Resumed, Fenced::OutcomeUnknown) => {
+                slot.fenced = None;
+                slot.result = Some(Ok(migration::Report {
+                    mode: "pre".into(),
+                    guest_detail: "confirmed by migrate_recover".into(),
+                    ..Default::default()
+                }));
+                slot.finished_at = Some(Instant::now());
+                slot.fetched_at = Some(Instant::now());
+                "the guest runs on the destination: this copy shuts down"
+            }
+            (migration::commit::Outcome::Resumed, Fenced::Postcopy) => {
+                "the guest runs on the destination (post-copy): this copy stays paused with every page"
+            }
+            (migration::commit::Outcome::Undecided, _) => {
+                return Err("the destination answered undecided: the guest stays paused".into())
+            }
+        };
+        Ok(json!({"outcome": outcome, "action": action}))
     }
 
     /// After a successful migration the guest lives on the destination: this
@@ -705,6 +806,9 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         overrun: overrun(req.on_overrun.as_deref())?,
         ..Default::default()
     };
+    if let Some(ms) = req.commit_timeout_ms {
+        o.commit_timeout = Duration::from_millis(ms.max(1));
+    }
     if let Some(ms) = req.max_downtime_ms {
         o.max_downtime = downtime(ms)?;
     }

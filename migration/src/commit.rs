@@ -65,6 +65,10 @@ pub struct Switch {
     /// A query was answered `Resumed`: the source may have shut its copy
     /// down, so this side must never take the decision back.
     told_resumed: std::sync::atomic::AtomicBool,
+    /// The attempt ended before `Prepared`: its responder stops.
+    queries_closed: std::sync::atomic::AtomicBool,
+    /// A responder was started for this attempt.
+    responder: std::sync::atomic::AtomicBool,
     changed: Condvar,
 }
 
@@ -75,6 +79,8 @@ impl Default for Switch {
             session: Mutex::new(None),
             answered: Mutex::new(0),
             told_resumed: Default::default(),
+            queries_closed: Default::default(),
+            responder: Default::default(),
             changed: Condvar::new(),
         }
     }
@@ -169,6 +175,18 @@ impl Switch {
     }
 }
 
+/// Whether an outcome responder ([`serve_queries`]) took over accepting on
+/// the migration's listener in this process. A receiver that would go on
+/// serving new migrations after a failed one must not then accept on that
+/// listener too: a new migration could land on the responder (and be
+/// dropped), or a source's query on the receiver (and go unanswered).
+pub fn answering_queries() -> bool {
+    RESPONDERS.load(std::sync::atomic::Ordering::Acquire) > 0
+}
+
+/// Outcome responders running in this process.
+static RESPONDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Answers `OutcomeQuery` on `listener` for as long as the process lives
 /// (on a thread of its own). Connections are served one at a time, each
 /// within [`QUERY_TIMEOUT`]; anything but an authenticated query is dropped.
@@ -179,17 +197,49 @@ pub fn serve_queries(
 ) -> Result<(), MigrationError> {
     let listener = listener.try_clone().map_err(ProtocolError::Io)?;
     let secret = secret.clone();
+    RESPONDERS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    switch
+        .responder
+        .store(true, std::sync::atomic::Ordering::Release);
     std::thread::Builder::new()
         .name("outcome-queries".into())
         .spawn(move || {
             while let Ok((conn, _)) = transport::accept(&listener) {
+                if switch
+                    .queries_closed
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    break;
+                }
                 if let Err(e) = answer(conn, &secret, &switch) {
                     tracing::warn!("outcome query refused: {e}");
                 }
             }
+            RESPONDERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         })
         .map_err(ProtocolError::Io)?;
     Ok(())
+}
+
+/// Stops the responder of an attempt that failed before `Prepared` (no
+/// source can have committed, so there is no outcome to ask for), so that
+/// the receiver alone accepts on `listener` again: marks it closed, then
+/// wakes its blocked `accept` with a connection of our own (the receiver is
+/// not accepting while this runs).
+pub fn close_queries(switch: &Switch, listener: &TcpListener) {
+    if !switch.responder.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    switch
+        .queries_closed
+        .store(true, std::sync::atomic::Ordering::Release);
+    if let Ok(addr) = listener.local_addr() {
+        let _ = TcpStream::connect_timeout(&addr, QUERY_TIMEOUT);
+    }
+    let deadline = std::time::Instant::now() + QUERY_TIMEOUT;
+    while answering_queries() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Answers one query: an undecided destination decides to discard first.

@@ -157,6 +157,9 @@ pub fn receive_on<D: DestinationVm>(
         let abort = e.to_abort(AbortCode::DestinationFailed);
         let _ = write_frame(&mut writer, Kind::Abort, &abort.encode());
         let _ = writer.flush();
+        if !prepared_sent {
+            commit::close_queries(&switch, listener);
+        }
         if prepared_sent && outcome == Outcome::Discarded {
             linger_for_the_source(&switch);
         }

@@ -208,6 +208,13 @@ fn serve_until_received(
         if args.once {
             return Err(format!("incoming migration failed (from {peer}): {e}"));
         }
+        if migration::commit::answering_queries() {
+            // The attempt got as far as `Prepared`: its source may still ask
+            // what became of the guest, and the responder owns the listener.
+            return Err(format!(
+                "incoming migration failed (from {peer}) after the destination was prepared: {e}; not taking new migrations on this listener (start a new `vmm receive`)"
+            ));
+        }
         eprintln!("incoming migration failed (from {peer}): {e}; still listening");
     }
 }

@@ -9,13 +9,15 @@
 //! it does not encrypt the stream.)
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::protocol::{
-    read_frame, write_frame, Abort, AbortCode, Cursor, Kind, ProtocolError, VERSION,
+    read_frame_limited, write_frame, Abort, AbortCode, Cursor, Frame, Kind, ProtocolError,
+    PRE_AUTH_MAX_PAYLOAD, VERSION,
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -26,6 +28,15 @@ const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 /// Shortest secret accepted.
 pub const MIN_SECRET_LEN: usize = 16;
+/// Fewer distinct bytes than this in a secret earns a warning.
+pub const MIN_DISTINCT_BYTES: usize = 8;
+
+/// How many different byte values `s` holds.
+fn distinct_bytes(s: &[u8]) -> usize {
+    let mut seen = [false; 256];
+    s.iter().for_each(|&b| seen[b as usize] = true);
+    seen.iter().filter(|&&x| x).count()
+}
 
 /// Errors of authentication.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +47,11 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "The secret file {path} has mode {mode:03o}: group or others may read it \
+         (chmod 600 it, as ssh requires of private keys)"
+    )]
+    SecretReadableByOthers { path: String, mode: u32 },
     #[error("The secret in {path} is {len} bytes; at least {MIN_SECRET_LEN} are required")]
     ShortSecret { path: String, len: usize },
     #[error("Authentication failed: the peer does not know the shared secret")]
@@ -61,18 +77,42 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// Reads the secret file.
+    /// Reads the secret file. Like ssh with a private key, a file that
+    /// group or others may read is refused: the secret is the only thing
+    /// that keeps a stranger from feeding us a guest or taking ours. A
+    /// secret of little variety (few distinct bytes) is accepted with a
+    /// warning: it is probably a placeholder, not a random key.
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let raw = std::fs::read(path).map_err(|source| AuthError::ReadSecret {
-            path: path.display().to_string(),
+        let shown = || path.display().to_string();
+        let read = |source| AuthError::ReadSecret {
+            path: shown(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(read)?;
+        // The mode of the file we opened, not of whatever the path names now.
+        let mode = file.metadata().map_err(read)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(AuthError::SecretReadableByOthers {
+                path: shown(),
+                mode: mode & 0o777,
+            });
+        }
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw).map_err(read)?;
         let s = raw.trim_ascii().to_vec();
         if s.len() < MIN_SECRET_LEN {
             return Err(AuthError::ShortSecret {
-                path: path.display().to_string(),
+                path: shown(),
                 len: s.len(),
             });
+        }
+        let distinct = distinct_bytes(&s);
+        if distinct < MIN_DISTINCT_BYTES {
+            tracing::warn!(
+                "the secret in {} has only {distinct} distinct bytes: use a random one \
+                 (e.g. head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE)",
+                shown()
+            );
         }
         Ok(Self(s))
     }
@@ -112,6 +152,12 @@ fn nonce() -> Result<[u8; NONCE_LEN], AuthError> {
         .and_then(|mut f| f.read_exact(&mut n))
         .map_err(AuthError::Random)?;
     Ok(n)
+}
+
+/// Reads a handshake frame: nothing large is accepted before the peer is
+/// authenticated.
+fn read_frame(s: &mut impl Read) -> Result<Frame, ProtocolError> {
+    read_frame_limited(s, PRE_AUTH_MAX_PAYLOAD)
 }
 
 fn check_version(c: &mut Cursor<'_>) -> Result<(), ProtocolError> {
@@ -206,6 +252,26 @@ mod tests {
     fn same_secret_authenticates_both_ways() {
         let (s, d) = run(b"0123456789abcdef", b"0123456789abcdef");
         assert!(s.is_ok() && d.is_ok(), "{s:?} {d:?}");
+    }
+
+    #[test]
+    fn a_secret_file_others_may_read_is_refused() {
+        let dir = std::env::temp_dir().join(format!("lmig-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s");
+        std::fs::write(&p, "0123456789abcdefghij").unwrap();
+        for (mode, ok) in [
+            (0o644, false),
+            (0o640, false),
+            (0o604, false),
+            (0o600, true),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = Secret::from_file(&p);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+        }
+        assert_eq!(distinct_bytes(b"aaaaaaaaaaaaaaaa"), 1);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

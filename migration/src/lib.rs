@@ -11,7 +11,8 @@
 //!    [`events`] (what happened, for scripts),
 //!    [`sender`] (the page sender);
 //! 3. the phases: [`precopy`], [`postcopy`], [`stop_and_copy`] (pause,
-//!    last pages, machine state, switch-over);
+//!    last pages, machine state, switch-over), [`commit`] (the switch-over's
+//!    single decision, and asking for its outcome afterwards);
 //! 4. the ends: [`source`] orchestrates the phases; [`receive`] is the
 //!    destination ([`placement`]: page batches received straight into
 //!    guest RAM).
@@ -23,12 +24,15 @@ pub mod access_rate;
 pub mod auth;
 pub mod bitmap;
 pub mod codec;
+pub mod commit;
 pub mod control;
+pub mod deadline;
 pub mod endpoint;
 pub mod error;
 pub mod events;
 pub mod model;
 pub mod options;
+pub mod pause_bound;
 pub mod placement;
 pub mod policy;
 pub mod postcopy;
@@ -49,7 +53,7 @@ pub mod verify;
 pub use control::{Control, ControlHandle, ParameterChange};
 pub use endpoint::{BoxError, DestinationVm, SourceVm};
 pub use error::MigrationError;
-pub use options::{Mode, Options, Split};
+pub use options::{Mode, Options, Overrun, Split};
 pub use report::Report;
 pub use sender::{Progress, ProgressHandle};
 pub use source::{migrate, migrate_controlled, migrate_with_policy};

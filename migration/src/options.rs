@@ -36,6 +36,25 @@ pub enum Split {
     FromMeasuredRates,
 }
 
+/// What pre-copy does when a cap (`max_rounds`, `max_bytes`) ends it while
+/// the downtime it predicts is over the limit: a guest that dirties memory
+/// about as fast as the link carries it never meets the downtime rule, and
+/// silently stopping and copying then pauses it for as long as its whole
+/// working set takes to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overrun {
+    /// Fail the migration, the source guest running on as before, and say
+    /// what would help (the default: the limit is a promise).
+    #[default]
+    Fail,
+    /// Switch to post-copy instead: the downtime stays that of a post-copy
+    /// switch-over (the fault connection is opened up front for this).
+    PostCopy,
+    /// Stop and copy anyway, over the limit (the old behaviour; the report
+    /// and the terminal say so).
+    Accept,
+}
+
 /// Migration options.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -68,6 +87,16 @@ pub struct Options {
     /// plans, so that `migrate_start_postcopy` can switch a running
     /// pre-copy to post-copy.
     pub postcopy_ready: bool,
+    /// What to do when a cap ends pre-copy over the downtime limit.
+    pub overrun: Overrun,
+    /// The hard bound on the pause: before the destination confirms, a
+    /// pause longer than the downtime limit plus this aborts the migration
+    /// and resumes the source (see [`crate::pause_bound`]).
+    pub pause_margin: Duration,
+    /// How long the source waits for `Prepared`, and then for `Resumed`
+    /// after `Commit`. Past it, before `Commit` the source resumes; after,
+    /// it stays fenced and asks the destination what it did.
+    pub commit_timeout: Duration,
 }
 
 impl Default for Options {
@@ -85,6 +114,9 @@ impl Default for Options {
             auto_converge: false,
             skip_redirtied: false,
             postcopy_ready: false,
+            overrun: Overrun::Fail,
+            pause_margin: crate::pause_bound::DEFAULT_MARGIN,
+            commit_timeout: crate::transport::PEER_TIMEOUT,
         }
     }
 }

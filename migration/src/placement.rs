@@ -33,7 +33,8 @@ pub enum Placed {
 /// Reads the payload of the `Pages` frame `header` announced, placing its
 /// raw pages straight into `ram` (`(ram_offset, bytes)` slices in ascending
 /// order, covering `ram_pages` pages). `written` has one bit per page
-/// written so far; `payload` is a scratch buffer (and receives the whole
+/// received so far (a zero page over untouched memory is received without
+/// being written); `payload` is a scratch buffer (and receives the whole
 /// payload for [`Placed::Payload`]).
 pub fn receive_in_place(
     r: &mut impl Read,
@@ -142,7 +143,12 @@ fn apply_after_check(
     let mut lz4 = lz4_bodies.iter();
     for (e, target) in entries.iter().zip(targets) {
         match e.encoding {
-            Encoding::Zero if !written.contains(e.page) => continue,
+            Encoding::Zero if !written.contains(e.page) => {
+                // Already zero: nothing to write, but it arrived (the
+                // destination checks every declared page did).
+                written.insert(e.page);
+                continue;
+            }
             Encoding::Zero => target.fill(0),
             Encoding::Raw => {}
             Encoding::Lz4 => {
@@ -162,7 +168,7 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], frame_len: usize) -> Result<(),
     }
     r.read_exact(buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
-        _ => ProtocolError::Io(e),
+        _ => e.into(),
     })
 }
 
@@ -184,7 +190,7 @@ fn read_vectored_exact(
             Ok(0) => return Err(ProtocolError::Closed),
             Ok(k) => IoSliceMut::advance_slices(&mut bufs, k),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ProtocolError::Io(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

@@ -181,6 +181,11 @@ impl DestShared {
         self.needed.contains(page)
     }
 
+    /// Every page post-copy must bring (present or not).
+    pub fn needed_pages(&self) -> DirtyBitmap {
+        self.needed.snapshot()
+    }
+
     /// Whether the source went away before every page arrived.
     pub fn source_lost(&self) -> bool {
         self.source_lost.load(Ordering::Acquire)
@@ -472,6 +477,10 @@ impl PostcopyDestination {
         // as zeros and silently corrupt the guest. Only stop our threads'
         // reading; faulting vCPUs stay asleep.
         self.shared.stop.store(true, Ordering::Release);
+        // And close the fault connection: our reply thread is blocked
+        // reading it, and a source that is merely unable to push (not dead)
+        // would otherwise keep serving it forever.
+        let _ = self.fault_conn.shutdown(std::net::Shutdown::Both);
         missing
     }
 }

@@ -53,6 +53,22 @@ pub fn populated_pages<V: SourceVm>(vm: &V) -> Result<Vec<(u64, u64)>, Migration
         .collect())
 }
 
+/// What the source must deliver: the RAM the guest wrote, and every page
+/// `Config` declared (a coarsened hint may cover a few never-written pages:
+/// they go as zero pages, so that the destination's check holds).
+pub fn pages_to_deliver<V: SourceVm>(
+    vm: &V,
+    declared: &[(u64, u64)],
+) -> Result<Vec<(u64, u64)>, MigrationError> {
+    let populated = populated_pages(vm)?;
+    if declared.is_empty() {
+        return Ok(populated);
+    }
+    let mut all = DirtyBitmap::from_runs(vm.ram_size() / PAGE as u64, &populated);
+    all.union_with(&DirtyBitmap::from_runs(all.capacity(), declared));
+    Ok(all.runs().collect())
+}
+
 /// At most `max` runs covering `runs`: runs separated by gaps smaller than
 /// a limit are merged, the limit doubling until they fit. Exact when `runs`
 /// already fit; otherwise covers a few pages more (fine for a hint).
@@ -269,7 +285,7 @@ pub fn run_rounds<V: SourceVm>(
     s.vm.start_dirty_log()
         .map_err(vm_err("start dirty logging"))?;
     let ram_pages = s.vm.ram_size() / PAGE as u64;
-    let populated = populated_pages(s.vm)?;
+    let populated = pages_to_deliver(s.vm, &s.declared)?;
     let (mut page_runs, hybrid) = match history.start {
         Start::Hybrid { precopy_bytes } => (take_share(&populated, precopy_bytes), true),
         _ => (populated, false),

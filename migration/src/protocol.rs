@@ -23,14 +23,18 @@
 //!    │── Pages … Pages ─ RoundEnd {n} ──────────────────▶│  last dirty pages (vCPUs stopped)
 //!    │── State {machine state} ─────────────────────────▶│  destination restores, stays paused
 //!    │── Checksums … (only with --verify) ──────────────▶│  destination compares every page
-//!    │── Complete ──────────────────────────────────────▶│  destination resumes the guest
-//!    │◀────────────────── Resumed {timings, verification} │
+//!    │── Complete ──────────────────────────────────────▶│  "that is everything": the destination
+//!    │                                                   │  checks every declared page and checksum
+//!    │◀─────────────────────────────────────── Prepared ─│  restored, verified, still paused
+//!    │── Commit ────────────────────────────────────────▶│  THE commit point (see below)
+//!    │◀────────────────── Resumed {timings, verification} │  destination resumed the guest
 //!    │  [source exits]                                   │
 //! ```
 //!
 //! Post-copy and hybrid replace the last round: after `State` (and
-//! `Checksums`) comes `PostcopyBegin {pages still needed}`, then `Complete`;
-//! the destination resumes with those pages missing and answers `Resumed`.
+//! `Checksums`) comes `PostcopyBegin {pages still needed}`, then `Complete`
+//! ◀ `Prepared`, `Commit`; the destination resumes with those pages missing
+//! and answers `Resumed`.
 //! Then, on the main connection the source pushes `Pages … PostcopyDone`,
 //! while on the fault connection the destination sends `PageRequest {page}`
 //! and the source answers each with a one-page `Pages`. When every needed
@@ -55,12 +59,16 @@
 //!          │ stop-and-copy / post-copy           │ └── PostcopyBegin ──▶ PostcopyArmed
 //!          ▼                  plan: post         │ Complete                 │ Complete
 //!   SwitchOver{rule, postcopy} ◀──────────       ▼                          ▼
+//!          │ Commit (after Prepared)     Prepared{pre}            Prepared{post}
+//!          ▼                                     │ Commit                   │ Commit
+//!   Committed{postcopy}  (fenced)                ▼                          ▼
 //!          │ Resumed (pre)   │ Resumed (post)  Completed ◀── PostcopyDone ── Postcopy
 //!          ▼                 ▼                                              (Pages)
 //!      Completed ◀──── Postcopy
 //!               PostcopyComplete
 //!
-//!  any phase before Completed ─ error ─▶ Failed   any phase ─ Abort ─▶ Failed
+//!  before Commit ─ error ─▶ Failed (source resumes)   any phase ─ Abort ─▶ Failed
+//!  Committed, Postcopy ─ error ─▶ OutcomeUnknown (source stays paused, asks)
 //!  before the switch-over completes ─ cancel ─▶ Cancelled (source resumes)
 //! ```
 //! Any other frame is refused where it arrives (`IllegalTransition`).
@@ -70,8 +78,55 @@
 //! filled its socket buffer.
 //!
 //! Either side may send `Abort {code, count, detail}` at any point (see
-//! [`Abort`]); a source that has not received `Resumed` then resumes its
-//! guest, which has lost nothing.
+//! [`Abort`]); a source that has not sent `Commit` then resumes its guest,
+//! which has lost nothing.
+//!
+//! # The switch-over is a commit: never two running copies
+//! The source sends `Commit` only after the destination answered
+//! `Prepared`, and from the moment it *starts* writing `Commit` it is
+//! **fenced**: it never runs the guest again, whatever happens next. The
+//! destination resumes only after it read `Commit`, and only if it did not
+//! decide to discard first (a `Commit` and a discard are one decision,
+//! taken once under a lock: [`crate::commit::Switch`]). So at most one copy
+//! runs; when the source cannot know which way it went, it says so and
+//! asks (`OutcomeQuery` ◀ `Outcome`) instead of guessing.
+//! ```text
+//!   SOURCE                                   DESTINATION
+//!   state        runs?  link dies →          state            runs?  link dies / deadline →
+//!   ───────────  ─────  ───────────────────  ───────────────  ─────  ─────────────────────────
+//!   Rounds       yes    resume (nothing      Rounds           no     discard, exit
+//!                       was paused)
+//!   SwitchOver   paused resume: abort        Restored         no     discard, exit
+//!   (State …                                 (State, Checksums)
+//!    Complete)
+//!   WaitPrepared paused resume: abort        Prepared         no     never resume: discard;
+//!                                            (sent Prepared,         answer `Outcome
+//!                                             awaits Commit)          {discarded}` to a query
+//!   ═════════════ Commit written: the single point of no return for the source ══════════════
+//!   Fenced       no     stay paused; ask     Committed        YES    keep running; answer
+//!   (awaits             the destination      (resumed, sends         `Outcome {resumed}`
+//!    Resumed)           (`OutcomeQuery`);     Resumed)                to a query
+//!                       no answer: exit
+//!                       "outcome unknown",
+//!                       guest paused here
+//!   Completed    no     (exits: migrated     Completed        YES    —
+//!                       away)
+//!   Postcopy     no     stay fenced with     Postcopy         YES    pause the guest, name the
+//!   (pushing,           every page (never    (pages missing)  until  missing pages; never
+//!    serving)           rolls back)                           lost   discard
+//!
+//!   `vmm migrate --recover`: a fenced source asks the destination
+//!   (new connection, same authentication, `OutcomeQuery`):
+//!     Outcome {resumed}    → the source shuts its copy down (migrated away);
+//!     Outcome {discarded}  → the source resumes (the destination never ran it);
+//!     unreachable          → still unknown: the guest stays paused, said so.
+//!   A query reaching a destination that is still undecided (Prepared, no
+//!   Commit yet) makes it discard: the answer is final either way.
+//! ```
+//! The destination refuses to send `Prepared` unless every page `Config`
+//! declared has arrived (pre-copy) or is named by `PostcopyBegin`
+//! (post-copy), and, if `Config` announced `--verify`, every page's
+//! checksum arrived and matched.
 //!
 //! # Framing
 //! Every frame is a 16-byte header and a payload:
@@ -86,25 +141,37 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Frame magic, "LMIG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// Largest payload accepted: a page batch or a state blob fits well inside.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Header size.
 pub const HEADER_LEN: usize = 16;
+/// Largest payload accepted before the peer is authenticated: the
+/// handshake's frames (and an `Abort` with its capped detail) fit, and an
+/// unauthenticated peer cannot make us allocate more than this.
+pub const PRE_AUTH_MAX_PAYLOAD: u32 = 4 << 10;
+/// Most page runs a `Config` may announce (the source coarsens its hint
+/// to this many): each run is prefaulted, so their number bounds the
+/// destination's work before `Ready`.
+pub const MAX_CONFIG_RUNS: usize = 1 << 16;
+/// Longest text from a peer shown in an error or a log line.
+pub const MAX_PEER_TEXT: usize = 1024;
 
 /// Errors of the wire protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("Connection failed")]
-    Io(#[from] io::Error),
+    Io(#[source] io::Error),
+    #[error("The peer went silent: {0}")]
+    TimedOut(#[source] io::Error),
     #[error("Peer closed the connection")]
     Closed,
     #[error("Bad frame magic {0:#x}: the peer is not a migration endpoint")]
     BadMagic(u32),
-    #[error("Frame length {0} exceeds the limit of {MAX_PAYLOAD}")]
-    TooLong(u32),
+    #[error("Frame length {0} exceeds the limit of {1}")]
+    TooLong(u32, u32),
     #[error("Frame CRC mismatch (kind {kind}): the stream is corrupt")]
     BadCrc { kind: u8 },
     #[error("Unknown frame kind {0}")]
@@ -120,13 +187,45 @@ pub enum ProtocolError {
     PeerAborted(Abort),
     #[error("Peer speaks protocol version {0}, this side {VERSION}")]
     Version(u32),
+    #[error("{what} did not arrive within {after:?}")]
+    Deadline {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+}
+
+impl From<io::Error> for ProtocolError {
+    /// A socket timeout is the peer's silence, not a broken connection:
+    /// named so that the user sees why a migration ended.
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::TimedOut(e),
+            _ => Self::Io(e),
+        }
+    }
+}
+
+/// `text` from a peer made safe to print: control characters (escape
+/// sequences, newlines that would fake log lines) become `?`, and the text
+/// is cut to `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push_str("[...]");
+    }
+    out
 }
 
 /// Builds a `Malformed` error.
 pub fn malformed(what: &'static str, detail: impl Into<String>) -> ProtocolError {
+    // Details may quote the peer (a JSON error quotes its input).
     ProtocolError::Malformed {
         what,
-        detail: detail.into(),
+        detail: printable(&detail.into(), MAX_PEER_TEXT),
     }
 }
 
@@ -154,6 +253,10 @@ pub enum Kind {
     Ready = 18,
     RoundAck = 19,
     Probe = 20,
+    Prepared = 21,
+    Commit = 22,
+    OutcomeQuery = 23,
+    Outcome = 24,
 }
 
 impl Kind {
@@ -180,6 +283,10 @@ impl Kind {
             18 => Ready,
             19 => RoundAck,
             20 => Probe,
+            21 => Prepared,
+            22 => Commit,
+            23 => OutcomeQuery,
+            24 => Outcome,
             _ => return None,
         })
     }
@@ -208,6 +315,10 @@ impl Kind {
             Ready => "Ready",
             RoundAck => "RoundAck",
             Probe => "Probe",
+            Prepared => "Prepared",
+            Commit => "Commit",
+            OutcomeQuery => "OutcomeQuery",
+            Outcome => "Outcome",
         }
     }
 }
@@ -277,7 +388,7 @@ pub fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()>
 pub fn frame_header(kind: Kind, parts: &[&[u8]]) -> Result<[u8; HEADER_LEN], ProtocolError> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > MAX_PAYLOAD as usize {
-        return Err(ProtocolError::TooLong(len as u32));
+        return Err(ProtocolError::TooLong(len as u32, MAX_PAYLOAD));
     }
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind as u8]);
@@ -295,9 +406,19 @@ pub fn frame_header(kind: Kind, parts: &[&[u8]]) -> Result<[u8; HEADER_LEN], Pro
 
 /// Reads and checks one frame (magic, kind, length bound, CRC).
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    read_frame_limited(r, MAX_PAYLOAD)
+}
+
+/// Like [`read_frame`], with a payload of at most `max` bytes (checked
+/// before anything is allocated): see [`PRE_AUTH_MAX_PAYLOAD`].
+pub fn read_frame_limited(r: &mut impl Read, max: u32) -> Result<Frame, ProtocolError> {
     let mut payload = Vec::new();
-    let kind = read_frame_into(r, &mut payload)?;
-    Ok(Frame { kind, payload })
+    let header = read_header_max(r, max)?;
+    read_payload(r, &header, &mut payload)?;
+    Ok(Frame {
+        kind: header.kind,
+        payload,
+    })
 }
 
 /// Like [`read_frame`], but reads the payload into `payload`, reusing its
@@ -321,12 +442,17 @@ fn closed_or_io(e: io::Error) -> ProtocolError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         ProtocolError::Closed
     } else {
-        ProtocolError::Io(e)
+        e.into()
     }
 }
 
 /// Reads a frame header and checks its magic, kind and length bound.
 pub fn read_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
+    read_header_max(r, MAX_PAYLOAD)
+}
+
+/// Like [`read_header`], with a length bound of `max`.
+pub fn read_header_max(r: &mut impl Read, max: u32) -> Result<FrameHeader, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     r.read_exact(&mut header).map_err(closed_or_io)?;
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
@@ -339,8 +465,8 @@ pub fn read_header(r: &mut impl Read) -> Result<FrameHeader, ProtocolError> {
     let kind_raw = header[4];
     let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
     let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
-    if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLong(len));
+    if len > max.min(MAX_PAYLOAD) {
+        return Err(ProtocolError::TooLong(len, max.min(MAX_PAYLOAD)));
     }
     let kind = Kind::from_u8(kind_raw).ok_or(ProtocolError::UnknownKind(kind_raw))?;
     Ok(FrameHeader { kind, len, crc })
@@ -493,7 +619,8 @@ impl Abort {
     /// Longest detail text sent or accepted.
     pub const MAX_DETAIL: usize = 1024;
 
-    /// An abort with `detail` made printable and cut to [`Self::MAX_DETAIL`].
+    /// An abort with `detail` made printable ASCII and cut to
+    /// [`Self::MAX_DETAIL`].
     pub fn new(code: AbortCode, count: u64, detail: &str) -> Self {
         let detail = detail
             .chars()
@@ -585,23 +712,57 @@ pub struct ConfigMsg<'a> {
     pub ram_size: u64,
     /// Whether a fault connection follows (post-copy or hybrid).
     pub postcopy: bool,
-    /// The source's populated RAM as page runs: what round 0 will send, so
-    /// that a destination may allocate it ahead (a hint, possibly coarser).
+    /// Whether `Checksums` will follow the state (`--verify`): announced
+    /// here so that stripping them cannot silently turn verification off.
+    pub verify: bool,
+    /// The source's populated RAM as page runs: what round 0 will send (or,
+    /// in post-copy, what `PostcopyBegin` will account for). The
+    /// destination refuses to resume unless every page of them arrived or
+    /// is accounted for.
     pub populated: Vec<(u64, u64)>,
     /// The machine configuration, opaque to the engine.
     pub machine: &'a [u8],
 }
 
-/// Encodes a `Config` payload: RAM size (u64), post-copy flag (u8),
-/// populated page runs (as [`encode_runs`]), machine configuration.
+/// What the source announces in `Config`'s flag byte.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigFlags {
+    /// Bit 0: a fault connection follows.
+    pub postcopy: bool,
+    /// Bit 1: `Checksums` follow the state.
+    pub verify: bool,
+}
+
+impl ConfigFlags {
+    const POSTCOPY: u8 = 1;
+    const VERIFY: u8 = 2;
+
+    fn encode(self) -> u8 {
+        (u8::from(self.postcopy) * Self::POSTCOPY) | (u8::from(self.verify) * Self::VERIFY)
+    }
+
+    fn decode(b: u8) -> Result<Self, ProtocolError> {
+        if b & !(Self::POSTCOPY | Self::VERIFY) != 0 {
+            return Err(malformed("Config", format!("unknown flags {b:#x}")));
+        }
+        Ok(Self {
+            postcopy: b & Self::POSTCOPY != 0,
+            verify: b & Self::VERIFY != 0,
+        })
+    }
+}
+
+/// Encodes a `Config` payload: RAM size (u64), flags (u8: bit 0 post-copy,
+/// bit 1 verify), populated page runs (as [`encode_runs`]), machine
+/// configuration.
 pub fn encode_config(
     ram_size: u64,
-    postcopy: bool,
+    flags: ConfigFlags,
     populated: &[(u64, u64)],
     machine: &[u8],
 ) -> Vec<u8> {
     let mut v = ram_size.to_le_bytes().to_vec();
-    v.push(u8::from(postcopy));
+    v.push(flags.encode());
     v.extend_from_slice(&encode_runs(populated));
     v.extend_from_slice(machine);
     v
@@ -614,16 +775,19 @@ pub fn decode_config(p: &[u8]) -> Result<ConfigMsg<'_>, ProtocolError> {
     if ram_size == 0 || ram_size % crate::codec::PAGE as u64 != 0 {
         return Err(malformed("Config", format!("RAM size {ram_size}")));
     }
-    let postcopy = match c.u8()? {
-        0 => false,
-        1 => true,
-        x => return Err(malformed("Config", format!("post-copy flag {x}"))),
-    };
+    let flags = ConfigFlags::decode(c.u8()?)?;
     let populated = read_runs(&mut c, ram_size / crate::codec::PAGE as u64)?;
+    if populated.len() > MAX_CONFIG_RUNS {
+        return Err(malformed(
+            "Config",
+            format!("{} runs (at most {MAX_CONFIG_RUNS})", populated.len()),
+        ));
+    }
     let machine = c.take(c.remaining())?;
     Ok(ConfigMsg {
         ram_size,
-        postcopy,
+        postcopy: flags.postcopy,
+        verify: flags.verify,
         populated,
         machine,
     })
@@ -649,7 +813,9 @@ pub fn decode_runs(p: &[u8], ram_pages: u64) -> Result<Vec<(u64, u64)>, Protocol
 }
 
 /// Reads page runs from `c` (count bounded by the bytes left before
-/// anything is allocated), each checked to lie below `ram_pages`.
+/// anything is allocated), each checked to lie below `ram_pages`, after the
+/// previous one (sorted and disjoint: no page is named twice, so the work
+/// they cause is bounded by the RAM size).
 fn read_runs(c: &mut Cursor<'_>, ram_pages: u64) -> Result<Vec<(u64, u64)>, ProtocolError> {
     let n = c.u32()? as usize;
     if n > c.remaining() / 16 {
@@ -659,11 +825,19 @@ fn read_runs(c: &mut Cursor<'_>, ram_pages: u64) -> Result<Vec<(u64, u64)>, Prot
         ));
     }
     let mut runs = Vec::with_capacity(n);
+    let mut next_free = 0;
     for _ in 0..n {
         let (f, k) = (c.u64()?, c.u64()?);
         if f.checked_add(k).is_none_or(|end| end > ram_pages) {
             return Err(malformed("page runs", format!("{f}+{k} beyond RAM")));
         }
+        if f < next_free {
+            return Err(malformed(
+                "page runs",
+                format!("{f}+{k} overlaps or precedes the run before (not sorted and disjoint)"),
+            ));
+        }
+        next_free = f + k;
         runs.push((f, k));
     }
     Ok(runs)
@@ -714,7 +888,7 @@ mod tests {
         h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             read_frame(&mut &h[..]),
-            Err(ProtocolError::TooLong(_))
+            Err(ProtocolError::TooLong(..))
         ));
     }
 
@@ -729,21 +903,79 @@ mod tests {
     #[test]
     fn config_round_trips_and_checks_its_runs() {
         let runs = [(0, 16), (100, 4)];
-        let p = encode_config(1 << 20, true, &runs, b"{}");
+        let flags = ConfigFlags {
+            postcopy: true,
+            verify: true,
+        };
+        let p = encode_config(1 << 20, flags, &runs, b"{}");
         let c = decode_config(&p).unwrap();
         assert_eq!(
-            (c.ram_size, c.postcopy, &c.populated[..], c.machine),
-            (1 << 20, true, &runs[..], &b"{}"[..])
+            (
+                c.ram_size,
+                c.postcopy,
+                c.verify,
+                &c.populated[..],
+                c.machine
+            ),
+            (1 << 20, true, true, &runs[..], &b"{}"[..])
         );
+        let mut unknown = p.clone();
+        unknown[8] |= 0x80;
+        assert!(decode_config(&unknown).is_err(), "unknown flag accepted");
         // A run beyond the announced RAM (256 pages), or a RAM size that is
         // not a whole number of pages, is refused.
-        assert!(decode_config(&encode_config(1 << 20, false, &[(250, 7)], b"")).is_err());
-        assert!(decode_config(&encode_config(4097, false, &[], b"")).is_err());
+        assert!(decode_config(&encode_config(
+            1 << 20,
+            ConfigFlags::default(),
+            &[(250, 7)],
+            b""
+        ))
+        .is_err());
+        assert!(decode_config(&encode_config(4097, ConfigFlags::default(), &[], b"")).is_err());
         // A run count larger than the bytes that follow is refused before
         // anything is allocated.
-        let mut p = encode_config(1 << 20, false, &[], b"");
+        let mut p = encode_config(1 << 20, ConfigFlags::default(), &[], b"");
         p[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_config(&p).is_err());
+    }
+
+    #[test]
+    fn runs_must_be_sorted_disjoint_and_few() {
+        let ok = |runs: &[(u64, u64)]| {
+            decode_config(&encode_config(1 << 20, ConfigFlags::default(), runs, b""))
+                .map(|c| c.populated)
+        };
+        assert!(
+            ok(&[(0, 4), (4, 4), (10, 1)]).is_ok(),
+            "touching runs are fine"
+        );
+        assert!(ok(&[(0, 8), (4, 8)]).is_err(), "overlap");
+        assert!(ok(&[(10, 1), (0, 4)]).is_err(), "unsorted");
+        assert!(ok(&[(0, 256), (0, 256)]).is_err(), "the same run twice");
+        let many: Vec<_> = (0..MAX_CONFIG_RUNS as u64 + 1).map(|i| (i, 1)).collect();
+        let p = encode_config(1 << 30, ConfigFlags::default(), &many, b"");
+        let err = decode_config(&p).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn pre_auth_frames_are_small() {
+        let mut big = Vec::new();
+        write_frame(&mut big, Kind::Abort, &vec![0x1b; 8 << 10]).unwrap();
+        let err = read_frame_limited(&mut &big[..], PRE_AUTH_MAX_PAYLOAD).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::TooLong(_, PRE_AUTH_MAX_PAYLOAD)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn peer_text_is_made_printable_and_capped() {
+        assert_eq!(printable("a\x1b[2Jb\nc", 100), "a?[2Jb?c");
+        let long = printable(&"x".repeat(5000), 10);
+        assert_eq!(long, "xxxxxxxxxx[...]");
+        let m = malformed("Resumed", "\x1b[31mfake\nERROR line");
+        assert!(!m.to_string().contains('\x1b') && !m.to_string().contains('\n'));
     }
 
     #[test]

@@ -113,6 +113,39 @@ pub struct Report {
     pub postcopy: Option<PostcopyStats>,
     /// Model prediction beside the measurement (auto and experiments).
     pub prediction: Option<serde_json::Value>,
+    /// Set when a cap (`max_rounds`, `max_bytes`) ended pre-copy while the
+    /// downtime it predicted was over the limit, and what was done then.
+    pub downtime_overrun: Option<DowntimeOverrun>,
+}
+
+/// A cap ended pre-copy over the downtime limit (see `Overrun`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DowntimeOverrun {
+    pub predicted_ms: f64,
+    pub limit_ms: f64,
+    /// `post-copy` (the rest went after the switch-over) or `accepted`
+    /// (stopped and copied over the limit).
+    pub action: String,
+}
+
+impl DowntimeOverrun {
+    /// The overrun a finished migration's `report` shows, if any.
+    pub fn of(report: &Report) -> Option<Self> {
+        if !matches!(report.stop_rule.as_str(), "max_rounds" | "max_bytes") {
+            return None;
+        }
+        let last = report.rounds.iter().rev().find(|r| !r.paused)?;
+        let limit_ms = report.limits.max_downtime_ms;
+        (last.estimated_downtime_ms > limit_ms).then(|| Self {
+            predicted_ms: last.estimated_downtime_ms,
+            limit_ms,
+            action: if report.postcopy.is_some() {
+                "post-copy".into()
+            } else {
+                "accepted".into()
+            },
+        })
+    }
 }
 
 /// What the destination measured during post-copy.

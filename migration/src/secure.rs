@@ -57,6 +57,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::auth::{self, AuthError, Secret};
+use crate::deadline::{DeadlineReader, Duplex, TimedRead};
 use crate::transport::{self, TransportError};
 
 /// Bytes of ciphertext read from the socket at a time.
@@ -213,15 +214,54 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Connects to `addr` (`tcp:HOST:PORT`), runs the protection's handshake
 /// as the source, then the HMAC handshake inside it.
+///
+/// The HMAC handshake must end within [`HANDSHAKE_DEADLINE`] as a whole
+/// (counted in decrypted bytes): a destination trickling its answers
+/// cannot hold the source.
 pub fn connect(addr: &str, p: &Protection) -> Result<SecureStream, SecureError> {
     let tcp = transport::connect(addr)?;
-    let (stream, secret) = match p {
+    let (stream, secret) = protect_as_source(tcp, addr, p)?;
+    let mut reader = DeadlineReader::new(stream.clone(), transport::peer_timeout());
+    reader.expect_within(HANDSHAKE_DEADLINE, "the handshake");
+    auth::authenticate_as_source(&mut Duplex(&mut reader, &mut &stream), &secret)
+        .map_err(|e| refused(e, p))?;
+    // The deadline shortened the socket's timeout: back to the usual one.
+    stream
+        .set_read_timeout(Some(transport::peer_timeout()))
+        .map_err(SecureError::Io)?;
+    Ok(stream)
+}
+
+/// How long a destination may take over the source's whole HMAC handshake.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The protection's own handshake as the source (the TLS client, the Noise
+/// initiator) on a connection to `addr`: the protected stream and the key
+/// of the HMAC handshake that must follow inside it.
+pub fn protect_as_source(
+    tcp: TcpStream,
+    addr: &str,
+    p: &Protection,
+) -> Result<(SecureStream, Secret), SecureError> {
+    Ok(match p {
         Protection::Tls(cfg) => tls::client(tcp, cfg, &transport::host_of(addr))?,
         Protection::Psk(s) => (noise::initiate(tcp, s)?, s.clone()),
         Protection::InsecurePlaintext(s) => (SecureStream::plain(tcp)?, s.clone()),
-    };
-    auth::authenticate_as_source(&mut &stream, &secret).map_err(|e| refused(e, p))?;
-    Ok(stream)
+    })
+}
+
+/// The protection's own handshake as the destination (the TLS server, the
+/// Noise responder) on an accepted connection: the protected stream and
+/// the key of the HMAC handshake that must follow inside it.
+pub fn protect_as_destination(
+    tcp: TcpStream,
+    p: &Protection,
+) -> Result<(SecureStream, Secret), SecureError> {
+    Ok(match p {
+        Protection::Tls(cfg) => tls::server(tcp, cfg)?,
+        Protection::Psk(s) => (noise::respond(tcp, s)?, s.clone()),
+        Protection::InsecurePlaintext(s) => (SecureStream::plain(tcp)?, s.clone()),
+    })
 }
 
 /// A TLS client learns that the server refused its certificate only when
@@ -244,11 +284,7 @@ fn refused(e: AuthError, p: &Protection) -> SecureError {
 /// Accepts one connection on `l` and authenticates it as the destination.
 pub fn accept(l: &TcpListener, p: &Protection) -> Result<(SecureStream, SocketAddr), SecureError> {
     let (tcp, peer) = transport::accept(l)?;
-    let (stream, secret) = match p {
-        Protection::Tls(cfg) => tls::server(tcp, cfg)?,
-        Protection::Psk(s) => (noise::respond(tcp, s)?, s.clone()),
-        Protection::InsecurePlaintext(s) => (SecureStream::plain(tcp)?, s.clone()),
-    };
+    let (stream, secret) = protect_as_destination(tcp, p)?;
     auth::authenticate_as_destination(&mut &stream, &secret)?;
     Ok((stream, peer))
 }
@@ -335,6 +371,12 @@ impl SecureStream {
     /// A plaintext stream (no handshake of its own).
     pub fn plain(tcp: TcpStream) -> Result<Self, SecureError> {
         Self::new(tcp, Channel::Plain).map_err(SecureError::Io)
+    }
+
+    /// The socket under the protection (to shut it down, or to set its
+    /// options); reading or writing it directly would break the stream.
+    pub fn socket(&self) -> &TcpStream {
+        &self.inner.tcp
     }
 
     /// Whether bytes are encrypted on this stream.
@@ -471,6 +513,15 @@ impl Write for &SecureStream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(()) // every write went to the socket whole
+    }
+}
+
+/// Deadlines over decrypted bytes: a read's bound is the socket's. A read
+/// that times out keeps what it gathered of a record, so that the next read
+/// goes on where it stopped.
+impl TimedRead for SecureStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.inner.tcp.set_read_timeout(t)
     }
 }
 

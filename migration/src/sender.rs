@@ -4,7 +4,9 @@
 //! Every phase of the source sends through it.
 
 use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -13,6 +15,7 @@ use crate::control::{Cancelled, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
 use crate::options::Options;
+use crate::pause_bound::PauseWatchdog;
 use crate::protocol::{self, write_frame, Kind, ProtocolError};
 use crate::rate_limit::TokenBucket;
 use crate::secure::SecureStream;
@@ -83,6 +86,15 @@ pub struct PageSender<'a, V: SourceVm> {
     pub control: ControlHandle,
     /// The control's parameter generation the limiter was built for.
     seen_generation: u64,
+    /// The downtime limit the migration started with, and the margin of
+    /// the hard bound on the pause over it.
+    max_downtime: Duration,
+    pause_margin: Duration,
+    /// Set when the pause bound fired.
+    pause_overrun: Arc<AtomicBool>,
+    /// The page runs `Config` declared: each must reach the destination
+    /// (round 0, or post-copy), which checks that they did.
+    pub declared: Vec<(u64, u64)>,
 }
 
 impl<'a, V: SourceVm> PageSender<'a, V> {
@@ -105,7 +117,39 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
             progress,
             control,
             seen_generation,
+            max_downtime: opts.max_downtime,
+            pause_margin: opts.pause_margin,
+            pause_overrun: Arc::default(),
+            declared: Vec::new(),
         }
+    }
+
+    /// The downtime limit in force (set-parameters may have changed it).
+    pub fn max_downtime(&self) -> Duration {
+        self.control
+            .changes()
+            .max_downtime
+            .unwrap_or(self.max_downtime)
+    }
+
+    /// Call as the source pauses: until the returned watchdog is disarmed
+    /// (the destination confirmed), a pause longer than the downtime limit
+    /// plus the margin shuts the connection down (see
+    /// [`crate::pause_bound`]).
+    pub fn watch_pause(&self) -> PauseWatchdog {
+        let budget = self.max_downtime() + self.pause_margin;
+        PauseWatchdog::arm(self.stream().socket(), budget, self.pause_overrun.clone())
+    }
+
+    /// Whether the pause bound fired: the error the switch-over ended
+    /// with was caused by it.
+    pub fn pause_overrun(&self) -> Option<MigrationError> {
+        self.pause_overrun
+            .load(Ordering::Acquire)
+            .then(|| MigrationError::PauseExceeded {
+                limit: self.max_downtime(),
+                margin: self.pause_margin,
+            })
     }
 
     /// A safe point: fails with [`Cancelled`] if a cancel is pending
@@ -167,7 +211,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
         }
         // One writev for the whole frame: a full batch is larger than the
         // BufWriter's buffer, so it goes to the socket without a copy.
-        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::Io)?;
+        protocol::write_all_vectored(&mut self.out, &frame).map_err(ProtocolError::from)?;
         self.enc.clear();
         Ok(())
     }
@@ -183,7 +227,7 @@ impl<'a, V: SourceVm> PageSender<'a, V> {
 
     /// Pushes everything buffered to the socket.
     pub fn flush(&mut self) -> Result<(), MigrationError> {
-        self.out.flush().map_err(ProtocolError::Io)?;
+        self.out.flush().map_err(ProtocolError::from)?;
         Ok(())
     }
 

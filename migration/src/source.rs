@@ -2,13 +2,17 @@
 //! policy, then run the phases it chooses — pre-copy rounds
 //! ([`crate::precopy`]), the switch-over ([`crate::stop_and_copy`]),
 //! post-copy ([`crate::postcopy`]) — following [`SourcePhase`]. On any
-//! failure before the destination confirms it runs, the source guest is
-//! resumed exactly as it was: it has lost nothing.
+//! failure before `Commit`, the source guest is resumed exactly as it was:
+//! it has lost nothing. After `Commit` the source is fenced: it asks the
+//! destination what it did ([`crate::commit::query`]) and resumes only if
+//! the destination discarded the guest; if it cannot tell, it keeps the
+//! guest paused and says so ([`MigrationError::OutcomeUnknown`]).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::codec::PAGE;
+use crate::commit::{self, Outcome};
 use crate::control::{Control, ControlHandle};
 use crate::endpoint::SourceVm;
 use crate::error::{vm_err, MigrationError};
@@ -19,17 +23,19 @@ use crate::policy::{
 };
 use crate::postcopy::SourceShared;
 use crate::precopy::PrecopyOutcome;
-use crate::protocol::{self, write_frame, Abort, AbortCode, Kind, ProtocolError};
-use crate::report::Report;
+use crate::protocol::{self, write_frame, Abort, AbortCode, ConfigFlags, Kind, ProtocolError};
+use crate::report::{DowntimeOverrun, Report};
 use crate::secure::{self, Protection, SecureStream};
 use crate::sender::{set_progress, PageSender};
 /// The progress handle a caller passes to [`migrate`].
 pub use crate::sender::{Progress, ProgressHandle};
 use crate::state::{SourceEvent, SourcePhase};
+use crate::stop_and_copy::Fence;
 use crate::{access_rate, precopy, stop_and_copy};
 
-/// Most runs in `Config`'s populated-memory hint (1 MiB of payload).
-const MAX_HINT_RUNS: usize = 1 << 16;
+/// Most runs in `Config`'s populated-memory hint (1 MiB of payload): as
+/// many as the destination accepts.
+const MAX_HINT_RUNS: usize = protocol::MAX_CONFIG_RUNS;
 
 /// How long the guest's read and write rates are sampled before planning.
 const RATE_WINDOW: Duration = Duration::from_millis(1000);
@@ -140,9 +146,14 @@ fn run_migration<V: SourceVm>(
     let mut setup = policy.setup(&setup_view)?;
     // Asked up front, so that a running pre-copy may switch to post-copy.
     setup.may_postcopy |= opts.postcopy_ready;
-    let fault_conn = send_config(vm, &mut stream, addr, protection, setup)?;
+    let flags = ConfigFlags {
+        postcopy: setup.may_postcopy,
+        verify: opts.verify,
+    };
+    let (fault_conn, declared) = send_config(vm, &mut stream, addr, protection, flags)?;
     control.set_postcopy_prepared(fault_conn.is_some());
     let mut sender = PageSender::new(vm, stream, opts, progress, control);
+    sender.declared = declared;
     let plan = plan(&mut sender, policy, setup, setup_view)?;
     phase = phase.next(SourceEvent::Planned(plan.plan.start))?;
     let mut history = History {
@@ -155,11 +166,18 @@ fn run_migration<V: SourceVm>(
         bytes_sent: 0,
     };
     let shared = SourceShared::default();
-    let mut paused = false;
+    let mut fence = Fence::default();
     let ram_pages = vm.ram_size() / PAGE as u64;
     let result = std::thread::scope(|scope| {
         let can_postcopy = fault_conn.is_some();
+        // The fault server reads without a timeout (the guest may not fault
+        // for a long while): it ends when this side closes the connection,
+        // once the main flow ended whichever way, so that a silent
+        // partition cannot hold the migration after the main connection
+        // timed out.
+        let mut fault_closer = None;
         if let Some(f) = fault_conn {
+            fault_closer = f.try_clone().ok();
             let shared = &shared;
             scope.spawn(move || crate::postcopy::serve_faults(vm, f, shared, ram_pages));
         }
@@ -168,9 +186,10 @@ fn run_migration<V: SourceVm>(
             policy,
             history: &mut history,
             phase: &mut phase,
-            paused: &mut paused,
+            fence: &mut fence,
             shared: &shared,
             verify: opts.verify,
+            commit_timeout: opts.commit_timeout,
             can_postcopy,
             started,
         };
@@ -182,6 +201,9 @@ fn run_migration<V: SourceVm>(
         }
         // Closing our side ends the destination's reply thread and our server.
         let _ = sender.stream().shutdown(std::net::Shutdown::Both);
+        if let Some(f) = fault_closer {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
         r
     });
     // Whatever happened, the guest's vCPUs get their full time back.
@@ -190,32 +212,97 @@ fn run_migration<V: SourceVm>(
     match result {
         Ok(mut report) => {
             report.total_time_ms = started.elapsed().as_secs_f64() * 1e3;
+            // The destination's words: shown to the user, never raw.
+            report.guest_detail =
+                protocol::printable(&report.guest_detail, protocol::MAX_PEER_TEXT);
             report.prediction = plan.plan.prediction;
             // The limits in force at the end (set-parameters may change them).
             report.limits = history.limits.clone();
+            report.downtime_overrun = DowntimeOverrun::of(&report);
             Ok(report)
         }
         Err(e) if e.is_cancelled() => {
             // The Abort went before the connection closed.
-            if paused {
+            if fence.may_resume() {
                 vm.resume();
             }
             Err(e)
         }
+        Err(e) if fence.committed => after_commit_failure(vm, addr, protection, fence, e),
         Err(e) => {
-            // A destination that gives up says why in an Abort frame before
-            // closing; our writes may have failed on the closed socket first.
-            let e = peer_reason(sender.stream()).unwrap_or(e);
+            // The pause bound shut the connection: that is why it failed.
+            // Otherwise a destination that gives up says why in an Abort
+            // frame before closing; our writes may have failed on the closed
+            // socket first.
+            let e = match sender.pause_overrun() {
+                Some(overrun) => overrun,
+                None => peer_reason(sender.stream()).unwrap_or(e),
+            };
             // Tell the destination (if it still listens), then give the guest
             // back its vCPUs: its memory and state were never changed.
             let abort = e.to_abort(AbortCode::SourceFailed);
             let _ = sender.send(Kind::Abort, &abort.encode());
             let _ = sender.flush();
-            if paused {
+            if fence.may_resume() {
                 vm.resume();
             }
             Err(e)
         }
+    }
+}
+
+/// The source wrote `Commit` and then failed: it is fenced. It asks the
+/// destination (a new connection) what it did with the guest and acts on
+/// the answer, never on a guess:
+/// - discarded: the destination never ran it; the source resumes;
+/// - resumed (pre-copy): the guest lives there; the migration succeeded;
+/// - resumed (post-copy), or no answer: the guest stays paused here, and
+///   the error says so.
+fn after_commit_failure<V: SourceVm>(
+    vm: &V,
+    addr: &str,
+    protection: &Protection,
+    fence: Fence,
+    e: MigrationError,
+) -> Result<Report, MigrationError> {
+    tracing::warn!("failed after Commit ({e}): asking the destination what it did");
+    if fence.resumed {
+        // Post-copy: the destination runs the guest with pages missing.
+        return Err(MigrationError::PostcopyFenced(error_chain(&e)));
+    }
+    match commit::query(addr, protection) {
+        Ok(Outcome::Discarded) => {
+            tracing::warn!("the destination discarded the guest: resuming it here");
+            vm.resume();
+            Err(e)
+        }
+        Ok(Outcome::Resumed) if fence.postcopy => {
+            Err(MigrationError::PostcopyFenced(error_chain(&e)))
+        }
+        Ok(Outcome::Resumed) => {
+            tracing::warn!("the destination resumed the guest: the migration succeeded");
+            Ok(Report {
+                mode: "pre".into(),
+                guest_detail: format!(
+                    "Resumed was lost ({}); the destination confirmed it resumed when asked",
+                    error_chain(&e)
+                ),
+                ..Default::default()
+            })
+        }
+        Ok(Outcome::Undecided) => Err(outcome_unknown(addr, &e, "the destination is undecided")),
+        Err(q) => Err(outcome_unknown(
+            addr,
+            &e,
+            &format!("asking it failed: {}", error_chain(&q)),
+        )),
+    }
+}
+
+fn outcome_unknown(addr: &str, e: &MigrationError, why: &str) -> MigrationError {
+    MigrationError::OutcomeUnknown {
+        to: addr.to_string(),
+        why: format!("{}; {why}", error_chain(e)),
     }
 }
 
@@ -229,6 +316,9 @@ fn populated_bytes<V: SourceVm>(vm: &V) -> Result<u64, MigrationError> {
         .sum())
 }
 
+/// The fault connection (post-copy) and the page runs `Config` declared.
+type Configured = (Option<SecureStream>, Vec<(u64, u64)>);
+
 /// Sends `Config`, opens the fault connection if post-copy may follow,
 /// and waits until the destination is `Ready`.
 fn send_config<V: SourceVm>(
@@ -236,31 +326,34 @@ fn send_config<V: SourceVm>(
     stream: &mut SecureStream,
     addr: &str,
     protection: &Protection,
-    setup: Setup,
-) -> Result<Option<SecureStream>, MigrationError> {
+    flags: ConfigFlags,
+) -> Result<Configured, MigrationError> {
     // Config first: it tells the destination whether a fault connection follows.
     let config = vm.config_blob().map_err(vm_err("read config"))?;
     // What round 0 will send, so that the destination may allocate it ahead.
-    let populated = precopy::coarsen(&precopy::populated_pages(vm)?, MAX_HINT_RUNS);
+    // Sorted: the destination refuses runs out of order.
+    let mut populated = precopy::populated_pages(vm)?;
+    populated.sort_unstable();
+    let populated = precopy::coarsen(&populated, MAX_HINT_RUNS);
     write_frame(
         stream,
         Kind::Config,
-        &protocol::encode_config(vm.ram_size(), setup.may_postcopy, &populated, &config),
+        &protocol::encode_config(vm.ram_size(), flags, &populated, &config),
     )?;
-    stream.flush().map_err(ProtocolError::Io)?;
+    stream.flush().map_err(ProtocolError::from)?;
     // Post-copy's demand requests get a connection of their own, so that a
     // faulting vCPU never waits behind bulk pages.
-    let fault_conn = if setup.may_postcopy {
+    let fault_conn = if flags.postcopy {
         let mut f = secure::connect(addr, protection)?;
         write_frame(&mut f, Kind::FaultChannel, &[])?;
-        f.set_read_timeout(None).map_err(ProtocolError::Io)?;
+        f.set_read_timeout(None).map_err(ProtocolError::from)?;
         Some(f)
     } else {
         None
     };
     // The destination built its VM: nothing of that lands in the downtime.
     protocol::read_frame(stream)?.expect(Kind::Ready)?;
-    Ok(fault_conn)
+    Ok((fault_conn, populated))
 }
 
 /// The policy's plan, and the rates measured for it.
@@ -356,9 +449,10 @@ struct Run<'r, 'a, V: SourceVm> {
     policy: &'r mut dyn Policy,
     history: &'r mut History,
     phase: &'r mut SourcePhase,
-    paused: &'r mut bool,
+    fence: &'r mut Fence,
     shared: &'r SourceShared,
     verify: bool,
+    commit_timeout: Duration,
     can_postcopy: bool,
     started: Instant,
 }
@@ -370,7 +464,18 @@ impl<V: SourceVm> Run<'_, '_, V> {
         let result = self.run_phases();
         match &result {
             Err(e) if e.is_cancelled() => *self.phase = self.phase.next(SourceEvent::Cancel)?,
-            Err(_) => *self.phase = self.phase.next(SourceEvent::Fail)?,
+            Err(_) => {
+                // The phase moves only when a switch-over returns: catch up
+                // with how far it got, so that a failure after `Commit` is
+                // an unknown outcome, not a plain failure.
+                if self.fence.committed && matches!(self.phase, SourcePhase::SwitchOver { .. }) {
+                    *self.phase = self.phase.next(SourceEvent::Commit)?;
+                }
+                if self.fence.resumed && matches!(self.phase, SourcePhase::Committed { .. }) {
+                    *self.phase = self.phase.next(SourceEvent::Resumed)?;
+                }
+                *self.phase = self.phase.next(SourceEvent::Fail)?;
+            }
             Ok(_) => {}
         }
         set_progress(&self.sender.progress, |p| {
@@ -395,8 +500,14 @@ impl<V: SourceVm> Run<'_, '_, V> {
         match pre {
             Some(pre) if !pre.postcopy => {
                 self.sender.control.commit_switch_over()?;
-                let report =
-                    stop_and_copy::switch_over(self.sender, self.verify, pre, self.paused)?;
+                let report = stop_and_copy::switch_over(
+                    self.sender,
+                    self.verify,
+                    self.commit_timeout,
+                    pre,
+                    self.fence,
+                )?;
+                *self.phase = self.phase.next(SourceEvent::Commit)?;
                 *self.phase = self.phase.next(SourceEvent::Resumed)?;
                 Ok(report)
             }
@@ -411,14 +522,17 @@ impl<V: SourceVm> Run<'_, '_, V> {
         }
         self.sender.control.commit_switch_over()?;
         let order = self.policy.push_order(self.history)?;
+        self.fence.postcopy = true;
         let report = stop_and_copy::switch_over_postcopy(
             self.sender,
             self.verify,
+            self.commit_timeout,
             pre,
-            self.paused,
+            self.fence,
             self.shared,
             order,
         )?;
+        *self.phase = self.phase.next(SourceEvent::Commit)?;
         *self.phase = self.phase.next(SourceEvent::Resumed)?;
         *self.phase = self.phase.next(SourceEvent::PostcopyComplete)?;
         Ok(report)

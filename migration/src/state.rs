@@ -31,12 +31,18 @@ pub enum SourcePhase {
         rule: Option<StopRule>,
         postcopy: bool,
     },
+    /// `Commit` was written: the source is fenced, it never runs the guest
+    /// again; it waits for `Resumed` (or asks the destination).
+    Committed { postcopy: bool },
     /// The destination runs the guest; the source pushes and serves faults.
     Postcopy,
     /// The destination confirmed: the guest lives there now.
     Completed,
-    /// Something failed; before the switch-over the source runs on.
+    /// Something failed before `Commit`: the source runs on.
     Failed,
+    /// Something failed after `Commit`: the source stays fenced (paused,
+    /// every page kept) until the destination tells what it did.
+    OutcomeUnknown,
     /// Cancelled before the switch-over; the source runs on.
     Cancelled,
 }
@@ -49,6 +55,8 @@ pub enum SourceEvent {
     Planned(Start),
     /// A pre-copy round ended with the policy's decision.
     RoundEnded(AfterRound),
+    /// The source wrote `Commit` (after the destination's `Prepared`).
+    Commit,
     /// The destination answered `Resumed`.
     Resumed,
     /// The destination answered `PostcopyComplete`.
@@ -85,17 +93,14 @@ impl SourcePhase {
                     postcopy: true,
                 },
             },
-            (
-                P::SwitchOver {
-                    postcopy: false, ..
-                },
-                E::Resumed,
-            ) => P::Completed,
-            (P::SwitchOver { postcopy: true, .. }, E::Resumed) => P::Postcopy,
+            (P::SwitchOver { postcopy, .. }, E::Commit) => P::Committed { postcopy },
+            (P::Committed { postcopy: false }, E::Resumed) => P::Completed,
+            (P::Committed { postcopy: true }, E::Resumed) => P::Postcopy,
             (P::Postcopy, E::PostcopyComplete) => P::Completed,
             (P::Handshake | P::Setup | P::Rounds { .. } | P::SwitchOver { .. }, E::Cancel) => {
                 P::Cancelled
             }
+            (P::Committed { .. } | P::Postcopy, E::Fail) => P::OutcomeUnknown,
             (p, E::Fail) if !p.is_final() => P::Failed,
             (p, e) => {
                 return Err(IllegalTransition {
@@ -108,7 +113,10 @@ impl SourcePhase {
 
     /// Whether the machine has stopped.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::OutcomeUnknown
+        )
     }
 
     /// The phase's name, for errors and progress.
@@ -118,9 +126,11 @@ impl SourcePhase {
             Self::Setup => "setup",
             Self::Rounds { .. } => "pre-copy",
             Self::SwitchOver { .. } => "switch-over",
+            Self::Committed { .. } => "committed",
             Self::Postcopy => "post-copy",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::OutcomeUnknown => "outcome unknown",
             Self::Cancelled => "cancelled",
         }
     }
@@ -132,6 +142,7 @@ impl SourceEvent {
             Self::Authenticated => "authentication",
             Self::Planned(_) => "plan",
             Self::RoundEnded(_) => "end of a round",
+            Self::Commit => "Commit",
             Self::Resumed => "Resumed",
             Self::PostcopyComplete => "PostcopyComplete",
             Self::Cancel => "cancel",
@@ -151,6 +162,9 @@ pub enum DestinationPhase {
     Restored,
     /// `PostcopyBegin` arrived: post-copy is armed; only `Complete` follows.
     PostcopyArmed,
+    /// `Complete` checked and `Prepared` sent: paused, waiting for `Commit`
+    /// (never resumes without it).
+    Prepared { postcopy: bool },
     /// The guest runs here; pushed pages arrive until `PostcopyDone`.
     Postcopy,
     /// Every page is here and the guest runs.
@@ -168,8 +182,10 @@ impl DestinationPhase {
             (P::Rounds, Kind::State) => P::Restored,
             (P::Restored, Kind::Checksums) => P::Restored,
             (P::Restored, Kind::PostcopyBegin) => P::PostcopyArmed,
-            (P::Restored, Kind::Complete) => P::Completed,
-            (P::PostcopyArmed, Kind::Complete) => P::Postcopy,
+            (P::Restored, Kind::Complete) => P::Prepared { postcopy: false },
+            (P::PostcopyArmed, Kind::Complete) => P::Prepared { postcopy: true },
+            (P::Prepared { postcopy: false }, Kind::Commit) => P::Completed,
+            (P::Prepared { postcopy: true }, Kind::Commit) => P::Postcopy,
             (P::Postcopy, Kind::Pages) => P::Postcopy,
             (P::Postcopy, Kind::PostcopyDone) => P::Completed,
             (p, Kind::Abort) if p != P::Completed => P::Failed,
@@ -188,6 +204,7 @@ impl DestinationPhase {
             Self::Rounds => "rounds",
             Self::Restored => "restored",
             Self::PostcopyArmed => "post-copy armed",
+            Self::Prepared { .. } => "prepared",
             Self::Postcopy => "post-copy",
             Self::Completed => "completed",
             Self::Failed => "failed",
@@ -220,6 +237,7 @@ mod tests {
             RoundEnded(AfterRound::StopAndCopy {
                 rule: StopRule::Downtime,
             }),
+            Commit,
             Resumed,
         ];
         assert_eq!(walk(&pre), Ok(SourcePhase::Completed));
@@ -236,12 +254,13 @@ mod tests {
             RoundEnded(AfterRound::PostCopy {
                 rule: StopRule::Threshold,
             }),
+            Commit,
             Resumed,
             PostcopyComplete,
         ];
-        assert_eq!(walk(&hybrid[..4]), Ok(SourcePhase::Postcopy));
+        assert_eq!(walk(&hybrid[..5]), Ok(SourcePhase::Postcopy));
         assert_eq!(walk(&hybrid), Ok(SourcePhase::Completed));
-        let post = [Authenticated, Planned(Start::PostCopy), Resumed];
+        let post = [Authenticated, Planned(Start::PostCopy), Commit, Resumed];
         assert_eq!(walk(&post), Ok(SourcePhase::Postcopy));
     }
 
@@ -254,10 +273,31 @@ mod tests {
         );
         assert!(walk(&[Authenticated, Resumed]).is_err(), "resumed in setup");
         assert!(walk(&[Authenticated, RoundEnded(GO_ON)]).is_err());
-        let post = [Authenticated, Planned(Start::PostCopy), Resumed, Cancel];
+        let post = [
+            Authenticated,
+            Planned(Start::PostCopy),
+            Commit,
+            Resumed,
+            Cancel,
+        ];
         assert!(walk(&post).is_err(), "no cancel after the switch-over");
+        assert!(
+            walk(&post[..3]).unwrap().next(Cancel).is_err(),
+            "no cancel after Commit"
+        );
+        assert!(
+            walk(&post[..2]).unwrap().next(Resumed).is_err(),
+            "Resumed before Commit"
+        );
+        // After Commit a failure never means "resume": the outcome is unknown.
+        for n in [3, 4] {
+            assert_eq!(
+                walk(&post[..n]).unwrap().next(Fail),
+                Ok(SourcePhase::OutcomeUnknown)
+            );
+        }
         assert_eq!(
-            walk(&post[..3]).unwrap().next(Fail),
+            walk(&post[..2]).unwrap().next(Fail),
             Ok(SourcePhase::Failed)
         );
         assert!(SourcePhase::Completed.next(Fail).is_err());
@@ -274,10 +314,24 @@ mod tests {
     #[test]
     fn destination_legal_sequences() {
         use Kind::*;
-        let pre = [Pages, RoundEnd, Pages, RoundEnd, State, Checksums, Complete];
+        let pre = [
+            Pages, RoundEnd, Pages, RoundEnd, State, Checksums, Complete, Commit,
+        ];
         assert_eq!(feed(&pre), Ok(DestinationPhase::Completed));
+        assert_eq!(
+            feed(&pre[..7]),
+            Ok(DestinationPhase::Prepared { postcopy: false })
+        );
         assert_eq!(feed(&pre[..4]), Ok(DestinationPhase::Rounds));
-        let post = [State, PostcopyBegin, Complete, Pages, Pages, PostcopyDone];
+        let post = [
+            State,
+            PostcopyBegin,
+            Complete,
+            Commit,
+            Pages,
+            Pages,
+            PostcopyDone,
+        ];
         assert_eq!(feed(&post), Ok(DestinationPhase::Completed));
         assert_eq!(feed(&[Pages, Abort]), Ok(DestinationPhase::Failed));
         assert_eq!(feed(&[Probe, RoundEnd]), Ok(DestinationPhase::Rounds));
@@ -294,7 +348,10 @@ mod tests {
             &[Checksums],                       // checksums before the state
             &[PostcopyDone],
             &[Config],
-            &[State, Complete, Abort], // nothing after completion
+            &[State, Complete, Commit, Abort], // nothing after completion
+            &[State, Commit],                  // Commit before Prepared
+            &[State, Complete, Pages],         // pages while prepared
+            &[State, Complete, Complete],
         ] {
             let err = feed(bad).unwrap_err();
             assert!(!err.to_string().is_empty(), "{bad:?}");

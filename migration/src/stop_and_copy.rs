@@ -5,12 +5,18 @@
 //!    every page dirtied since it was last sent — the last round;
 //! 3. read the complete machine state (vCPUs, VM, devices) and send it;
 //! 4. with `--verify`, send a CRC of every page of the final memory;
-//! 5. send `Complete`; the destination restores, verifies, resumes, and
-//!    answers `Resumed` (downtime ends at its resume);
-//! 6. the source stays paused until that answer: if anything fails before
-//!    it, the source resumes and the guest has lost nothing.
+//! 5. send `Complete`; the destination checks that every page arrived
+//!    and matches, and answers `Prepared` (restored, still paused);
+//! 6. send `Commit`: from the moment it is written the source is *fenced*
+//!    and never runs the guest again ([`Fence::committed`]); the
+//!    destination resumes and answers `Resumed` (downtime ends there);
+//! 7. if anything fails before `Commit`, the source resumes and the guest
+//!    has lost nothing; after it, the source asks the destination what it
+//!    did instead of guessing (see `source`).
+//! 8. a pause that outlasts the downtime limit by the margin before
+//!    `Commit` fails the switch-over too ([`crate::pause_bound`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::DirtyBitmap;
 use crate::codec::PAGE;
@@ -23,21 +29,45 @@ use crate::precopy::{send_round, PrecopyOutcome};
 use crate::protocol::{read_frame, Kind, ProtocolError};
 use crate::report::{now_ns, DowntimeBreakdown, PostcopyReport, Report, ResumedInfo};
 use crate::sender::{set_progress, PageSender};
-use crate::verify;
+use crate::{transport, verify};
+
+/// How far the switch-over got: what the source may do after a failure.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The vCPUs were paused.
+    pub paused: bool,
+    /// `Commit` was (being) written: the source must never resume the guest
+    /// unless the destination says it discarded it.
+    pub committed: bool,
+    /// The destination confirmed it resumed the guest.
+    pub resumed: bool,
+    /// The switch-over is to post-copy: the destination needs the source's
+    /// pages after it resumed.
+    pub postcopy: bool,
+}
+
+impl Fence {
+    /// Whether the source may (and should) resume its guest after a failure.
+    pub fn may_resume(&self) -> bool {
+        self.paused && !self.committed
+    }
+}
 
 /// Pauses the source and moves the rest; returns the report (total time
 /// and limits are filled in by the caller).
 pub fn switch_over<V: SourceVm>(
     s: &mut PageSender<'_, V>,
     verify: bool,
+    commit_timeout: Duration,
     pre: PrecopyOutcome,
-    paused: &mut bool,
+    fence: &mut Fence,
 ) -> Result<Report, MigrationError> {
     let paused_at_ns = now_ns();
     let t = Instant::now();
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
-    *paused = true;
+    fence.paused = true;
+    let watchdog = s.watch_pause();
     s.control.emit(EventKind::Paused);
     let mut dirty = pre.dirty;
     dirty.union_with(&take_dirty(s.vm)?);
@@ -49,13 +79,8 @@ pub fn switch_over<V: SourceVm>(
 
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
-    s.send(Kind::Complete, &[])?;
-    s.flush()?;
-    set_progress(&s.progress, |p| {
-        p.phase = "waiting for the destination".into()
-    });
-
-    let info = read_resumed(s.stream())?;
+    watchdog.extend(Duration::from_secs_f64(2.0 * verify_src_ms / 1e3));
+    let info = commit(s, commit_timeout, fence, watchdog)?;
     let breakdown = DowntimeBreakdown {
         pause_ms,
         postcopy_setup_ms: 0.0,
@@ -98,8 +123,9 @@ pub fn switch_over<V: SourceVm>(
 pub fn switch_over_postcopy<V: SourceVm>(
     s: &mut PageSender<'_, V>,
     verify: bool,
+    commit_timeout: Duration,
     pre: Option<PrecopyOutcome>,
-    paused: &mut bool,
+    fence: &mut Fence,
     shared: &SourceShared,
     order: PushOrder,
 ) -> Result<Report, MigrationError> {
@@ -107,23 +133,20 @@ pub fn switch_over_postcopy<V: SourceVm>(
     let t = Instant::now();
     s.vm.pause();
     let pause_ms = t.elapsed().as_secs_f64() * 1e3;
-    *paused = true;
+    fence.paused = true;
+    let watchdog = s.watch_pause();
     s.control.emit(EventKind::Paused);
-    let mut needed = still_needed(s.vm, pre.as_ref())?;
+    let mut needed = still_needed(s.vm, &s.declared, pre.as_ref())?;
     let first_touched = send_first_touched(s, &mut needed)?;
     let (state_save_ms, state_sent_at) = send_state(s)?;
     let verify_src_ms = if verify { send_checksums(s)? } else { 0.0 };
+    watchdog.extend(Duration::from_secs_f64(2.0 * verify_src_ms / 1e3));
     let needed_runs: Vec<_> = needed.runs().collect();
     s.send(
         Kind::PostcopyBegin,
         &crate::protocol::encode_runs(&needed_runs),
     )?;
-    s.send(Kind::Complete, &[])?;
-    s.flush()?;
-    set_progress(&s.progress, |p| {
-        p.phase = "waiting for the destination".into()
-    });
-    let info = read_resumed(s.stream())?;
+    let info = commit(s, commit_timeout, fence, watchdog)?;
     s.control.emit(EventKind::SwitchedOver {
         downtime_ms: info.resumed_at_ns.saturating_sub(paused_at_ns) as f64 / 1e6,
     });
@@ -215,14 +238,15 @@ fn take_dirty<V: SourceVm>(vm: &V) -> Result<DirtyBitmap, MigrationError> {
         .map_err(vm_err("read the dirty log"))
 }
 
-/// The pages post-copy must bring: every populated page, except those
+/// The pages post-copy must bring: every populated (or declared) page, except those
 /// pre-copy sent (if it ran) and the guest has not dirtied since.
 fn still_needed<V: SourceVm>(
     vm: &V,
+    declared: &[(u64, u64)],
     pre: Option<&PrecopyOutcome>,
 ) -> Result<DirtyBitmap, MigrationError> {
     let ram_pages = vm.ram_size() / PAGE as u64;
-    let populated = crate::precopy::populated_pages(vm)?;
+    let populated = crate::precopy::pages_to_deliver(vm, declared)?;
     let mut needed = DirtyBitmap::from_runs(ram_pages, &populated);
     if let Some(p) = pre {
         let mut clean = p.covered.clone();
@@ -264,6 +288,59 @@ fn send_checksums<V: SourceVm>(s: &mut PageSender<'_, V>) -> Result<f64, Migrati
         )?;
     }
     Ok(ms)
+}
+
+/// The commit: `Complete` ◀ `Prepared`, then `Commit` ◀ `Resumed`, each
+/// answer awaited at most `timeout`. `fence.committed` is set *before*
+/// `Commit` is written: a write that fails halfway may still have reached
+/// the destination, so from then on the source must not resume on its own.
+fn commit<V: SourceVm>(
+    s: &mut PageSender<'_, V>,
+    timeout: Duration,
+    fence: &mut Fence,
+    watchdog: crate::pause_bound::PauseWatchdog,
+) -> Result<ResumedInfo, MigrationError> {
+    s.send(Kind::Complete, &[])?;
+    s.flush()?;
+    set_progress(&s.progress, |p| {
+        p.phase = "waiting for the destination".into()
+    });
+    let stream = s.stream();
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(ProtocolError::Io)?;
+    let mut r = stream;
+    expect_or_abort(read_frame(&mut r)?, Kind::Prepared)?;
+    // The pause bound may resume the source only before `Commit`: stop it
+    // now, and if it already fired (and shut the connection), do not commit.
+    if watchdog.disarm() {
+        return Err(s.pause_overrun().unwrap_or(ProtocolError::Closed.into()));
+    }
+    fence.committed = true;
+    s.send(Kind::Commit, &[])?;
+    s.flush()?;
+    set_progress(&s.progress, |p| {
+        p.phase = "committed: waiting for the destination to resume".into()
+    });
+    let info = read_resumed(s.stream())?;
+    fence.resumed = true;
+    s.stream()
+        .set_read_timeout(Some(transport::PEER_TIMEOUT))
+        .map_err(ProtocolError::Io)?;
+    Ok(info)
+}
+
+/// The payload of `frame` if it is of kind `expected`; an `Abort` carries
+/// the destination's reason.
+fn expect_or_abort(
+    frame: crate::protocol::Frame,
+    expected: Kind,
+) -> Result<Vec<u8>, MigrationError> {
+    match frame.expect(expected) {
+        Ok(p) => Ok(p),
+        Err(ProtocolError::PeerAborted(abort)) => Err(MigrationError::from_abort(abort)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Waits for `Resumed`; an `Abort` carries the destination's reason.

@@ -6,6 +6,28 @@ use std::time::Duration;
 /// How long a silent peer is tolerated before the migration fails.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// [`PEER_TIMEOUT`], or `VMM_PEER_TIMEOUT_MS` from the environment (read
+/// once): tests of a silent peer need not wait half a minute.
+pub fn peer_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("VMM_PEER_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&ms| ms > 0)
+            .map_or(PEER_TIMEOUT, Duration::from_millis)
+    })
+}
+/// Keepalive: first probe after this much idleness, then one every
+/// `KEEPALIVE_INTERVAL`, `KEEPALIVE_PROBES` unanswered ones end the
+/// connection (about 30 s after the peer vanished), idle or not.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 4;
+/// Data unacknowledged this long ends the connection (a silent partition
+/// while we send).
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -46,12 +68,35 @@ pub fn host_of(addr: &str) -> String {
         .to_string()
 }
 
-fn tune(s: &TcpStream) {
+/// Socket options of every migration connection.
+pub(crate) fn tune(s: &TcpStream) {
     // Frames are written whole through a buffer; Nagle would only delay the
     // small control messages at the switch-over.
     let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(PEER_TIMEOUT));
-    let _ = s.set_write_timeout(Some(PEER_TIMEOUT));
+    let _ = s.set_read_timeout(Some(peer_timeout()));
+    let _ = s.set_write_timeout(Some(peer_timeout()));
+    keepalive(s);
+}
+
+/// Turns on TCP keepalive and the user timeout: a connection that is idle
+/// on purpose (post-copy's fault connection between faults, which reads
+/// without a timeout) still ends when the peer vanishes silently. Best
+/// effort: a socket without them still has the read and write timeouts.
+pub fn keepalive(s: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::KeepAlive, &true);
+    let _ = setsockopt(s, sockopt::TcpKeepIdle, &(KEEPALIVE_IDLE.as_secs() as u32));
+    let _ = setsockopt(
+        s,
+        sockopt::TcpKeepInterval,
+        &(KEEPALIVE_INTERVAL.as_secs() as u32),
+    );
+    let _ = setsockopt(s, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+    let _ = setsockopt(
+        s,
+        sockopt::TcpUserTimeout,
+        &(USER_TIMEOUT.as_millis() as u32),
+    );
 }
 
 /// Connects to `tcp:HOST:PORT`.

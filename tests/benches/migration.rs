@@ -311,5 +311,55 @@ fn main() {
         ("round0", round0_throughput),
         ("idle", idle_guest_1g),
         ("dirty_rate", against_dirty_rate),
+        ("policy_ask", policy_ask_cost),
     ]);
+}
+
+/// What asking an external policy costs per round: `after_round` asked of
+/// the shipped Python example (`tools/policies/precopy_then_postcopy.py`)
+/// over its stdin/stdout, against the same ask of the built-in policy, on
+/// a 10-round history. A round asks twice (`round`, `after_round`).
+fn policy_ask_cost() {
+    use migration::policy::{Builtin, ExecPolicy, History, Policy, Start};
+    use migration::report::Round;
+    let options = migration::Options::default();
+    let history = History {
+        elapsed_ms: 10_000.0,
+        limits: options.limits(),
+        measured: None,
+        start: Start::PreCopy,
+        rounds: (0..10)
+            .map(|i| Round {
+                round: i,
+                pages: 25_000,
+                bytes: 100 << 20,
+                duration_ms: 1000.0,
+                dirtied_pages: 20_000 - u64::from(i) * 100,
+                dirty_rate_pages_s: 20_000.0,
+                estimated_downtime_ms: 800.0,
+                ..Default::default()
+            })
+            .collect(),
+        pending_pages: 20_000,
+        bytes_sent: 1000 << 20,
+    };
+    let time = |p: &mut dyn Policy, n: u32| {
+        p.after_round(&history).expect("an answer"); // start-up is not an ask
+        let t = Instant::now();
+        for _ in 0..n {
+            p.after_round(&history).expect("an answer");
+        }
+        t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+    };
+    let program = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tools/policies/precopy_then_postcopy.py");
+    let mut external =
+        ExecPolicy::spawn(&program, Duration::from_secs(10)).expect("the Python example starts");
+    let ext_us = time(&mut external, 500);
+    let builtin_us = time(&mut Builtin::new(&options), 50_000);
+    println!(
+        "policy ask (after_round, 10-round history): external Python {ext_us:.0} µs, built-in {builtin_us:.2} µs ({:.0}x); per round (2 asks) {:.0} µs external",
+        ext_us / builtin_us,
+        2.0 * ext_us
+    );
 }

@@ -126,6 +126,10 @@ fn run_cell(t: &Treatment, reps: usize) -> Cell {
         "30",
         "--max-bytes",
         &max_bytes,
+        // Xen's rules as the paper ran them: a cap ends pre-copy whatever
+        // the downtime it leaves.
+        "--on-overrun",
+        "accept",
     ];
     if auto_converge {
         args.push("--auto-converge");

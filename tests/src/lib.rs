@@ -83,6 +83,11 @@ pub fn bench_migration(name: &str, mem: &str, workload: &str, args: &[&str]) -> 
     }
 }
 
+/// The flag of plaintext mode, which tests need on both ends wherever they
+/// read or write the protocol's frames themselves (the [`Proxy`], a peer
+/// speaking the protocol by hand).
+pub const PLAINTEXT: &str = "--insecure-plaintext";
+
 /// The two ends of a migration on loopback: a source `vmm` running a guest,
 /// and a fresh `vmm receive` started once the guest has run a while.
 pub struct Ends {
@@ -94,6 +99,10 @@ pub struct Ends {
     pub running: Value,
     /// The source's state just before the receiver started.
     pub before: Value,
+    /// The receiver was started with `--insecure-plaintext` (a test that
+    /// speaks the protocol by hand or parses its frames): [`Ends::migrate`]
+    /// passes it to the source too.
+    pub plaintext: bool,
 }
 
 impl Ends {
@@ -121,16 +130,21 @@ impl Ends {
             dst,
             running,
             before,
+            plaintext: receiver_args.contains(&PLAINTEXT),
         }
     }
 
     /// Runs `vmm migrate` from the source to the receiver (see [`migrate`]).
     pub fn migrate(&self, args: &[&str]) -> (bool, Value, String) {
+        let mut args = args.to_vec();
+        if self.plaintext && !args.contains(&PLAINTEXT) {
+            args.push(PLAINTEXT);
+        }
         migrate(
             &self.dir.join("src.sock"),
             &self.dst.addr,
             &self.secret,
-            args,
+            &args,
         )
     }
 }
@@ -193,7 +207,27 @@ pub struct VmmProcess {
 impl VmmProcess {
     /// Starts `vmm run ARGS --api-socket SOCKET` and waits for the socket.
     pub fn start(socket: &Path, args: &[&str]) -> Self {
-        let child = Command::new(vmm_bin())
+        Self::spawn(Command::new(vmm_bin()), socket, args)
+    }
+
+    /// Like [`VmmProcess::start`], with more environment variables.
+    pub fn start_with_env(socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(vmm_bin());
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, socket, args)
+    }
+
+    /// Like [`VmmProcess::start`], with the process's umask set to `umask`
+    /// (through the shell: it is inherited by `exec`).
+    pub fn start_with_umask(socket: &Path, args: &[&str], umask: &str) -> Self {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+            .arg(vmm_bin());
+        Self::spawn(sh, socket, args)
+    }
+
+    fn spawn(mut cmd: Command, socket: &Path, args: &[&str]) -> Self {
+        let child = cmd
             .arg("run")
             .args(args)
             .args(["--status-ms", "0", "--api-socket"])
@@ -221,6 +255,16 @@ impl VmmProcess {
     /// The `vmm` process's id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its control socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// Whether the process still runs.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends a request; panics unless it succeeds.
@@ -327,10 +371,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a secret file and returns its path.
+/// Writes a secret file (mode 0600: `vmm` refuses a secret others may
+/// read) and returns its path.
 pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, secret).expect("secret file");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     p
 }
 
@@ -544,75 +591,274 @@ pub fn migrate_protected(
     )
 }
 
-/// What a [`Proxy`] does to the stream from source to destination.
-#[derive(Debug, Clone, Copy)]
-pub enum Fault {
-    /// Closes both connections after forwarding this many bytes.
-    CutAfter(u64),
-    /// Flips one bit of the byte at this offset.
-    FlipAt(u64),
+/// A direction of a migration connection, seen from the [`Proxy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    ToDestination,
+    ToSource,
 }
 
-/// A TCP proxy on loopback that injects one fault into the first
-/// connection it carries.
+/// The `nth` frame (from 0) of kind `kind` going `dir` on the main
+/// connection (the first one the proxy carries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    pub dir: Dir,
+    pub kind: migration::protocol::Kind,
+    pub nth: u32,
+}
+
+impl At {
+    /// The first frame of `kind` going `dir`.
+    pub fn first(dir: Dir, kind: migration::protocol::Kind) -> Self {
+        Self { dir, kind, nth: 0 }
+    }
+}
+
+/// What a [`Proxy`] does to the stream. The byte faults (`CutAfter`,
+/// `FlipAt`) work on any stream; the others parse the protocol's frames,
+/// so both ends must run with [`PLAINTEXT`].
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Closes both connections after forwarding this many bytes (source to
+    /// destination).
+    CutAfter(u64),
+    /// Flips one bit of the byte at this offset (source to destination).
+    FlipAt(u64),
+    /// Drops that frame and forwards the rest.
+    Drop(At),
+    /// Drops every frame of this kind going this way.
+    DropAll(Dir, migration::protocol::Kind),
+    /// Cuts every connection instead of forwarding that frame (the frame
+    /// is lost); later connections are carried again (the link came back).
+    CutBefore(At),
+    /// Forwards that frame, then cuts every connection.
+    CutAfterFrame(At),
+    /// Holds that frame and everything after it, on every connection,
+    /// sockets left open: a silent partition; later connections stall too.
+    Stall(At),
+}
+
+/// What a [`Proxy`] shares between its threads.
+#[derive(Default)]
+struct ProxyState {
+    /// The fault's frame was seen.
+    triggered: std::sync::atomic::AtomicBool,
+    stalled: std::sync::atomic::AtomicBool,
+    /// Every socket of the connections carried so far, to cut them.
+    sockets: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl ProxyState {
+    fn cut(&self) {
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits while the link is stalled (forever, as a partition does).
+    fn hold_if_stalled(&self) {
+        while self.stalled.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A TCP proxy on loopback that injects one fault into the migration it
+/// carries. Byte faults apply to the first connection's source-to-
+/// destination stream; frame faults parse the frames of the first
+/// (main) connection in both directions; cuts and stalls hit every
+/// connection (post-copy's fault connection too).
 pub struct Proxy {
     /// `tcp:127.0.0.1:PORT` to give the source.
     pub addr: String,
+    state: std::sync::Arc<ProxyState>,
 }
 
 impl Proxy {
     /// Forwards to `target` (`HOST:PORT`) with `fault`.
     pub fn start(target: &str, fault: Fault) -> Self {
-        use std::io::Write;
-        use std::net::{Shutdown, TcpListener, TcpStream};
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let addr = format!("tcp:{}", listener.local_addr().unwrap());
-        let target = target.to_string();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let (target, st) = (target.to_string(), state.clone());
         std::thread::spawn(move || {
-            let Ok((src, _)) = listener.accept() else {
-                return;
-            };
-            let Ok(dst) = TcpStream::connect(&target) else {
-                return;
-            };
-            // destination -> source: plain copy
-            let (mut d2, mut s2) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut d2, &mut s2);
-                let _ = s2.shutdown(Shutdown::Write);
-            });
-            // source -> destination: with the fault
-            let (mut s, mut d) = (src, dst);
-            let mut buf = vec![0u8; 64 << 10];
-            let mut pos = 0u64;
-            loop {
-                let n = match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+            for (i, conn) in listener.incoming().enumerate() {
+                let Ok(src) = conn else { return };
+                let Ok(dst) = std::net::TcpStream::connect(&target) else {
+                    continue; // the destination is gone: the source sees a close
                 };
-                let chunk = &mut buf[..n];
-                match fault {
-                    Fault::CutAfter(at) if pos + n as u64 >= at => {
-                        let keep = (at - pos) as usize;
-                        let _ = d.write_all(&chunk[..keep]);
-                        let _ = s.shutdown(Shutdown::Both);
-                        let _ = d.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    Fault::FlipAt(at) if (pos..pos + n as u64).contains(&at) => {
-                        chunk[(at - pos) as usize] ^= 0x04;
-                    }
-                    _ => {}
+                let fault = (i == 0).then_some(fault);
+                st.sockets
+                    .lock()
+                    .unwrap()
+                    .extend([src.try_clone().unwrap(), dst.try_clone().unwrap()]);
+                for dir in [Dir::ToDestination, Dir::ToSource] {
+                    let (from, to) = match dir {
+                        Dir::ToDestination => (src.try_clone().unwrap(), dst.try_clone().unwrap()),
+                        Dir::ToSource => (dst.try_clone().unwrap(), src.try_clone().unwrap()),
+                    };
+                    let st = st.clone();
+                    std::thread::spawn(move || pump(from, to, dir, fault, &st));
                 }
-                if d.write_all(chunk).is_err() {
-                    break;
-                }
-                pos += n as u64;
             }
-            let _ = d.shutdown(Shutdown::Write);
         });
-        Self { addr }
+        Self { addr, state }
     }
+
+    /// Waits until the fault's frame went by (or `timeout`).
+    pub fn wait_triggered(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .state
+            .triggered
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Cuts every connection now (what the kernel does when a peer dies).
+    pub fn cut(&self) {
+        self.state
+            .stalled
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.state.cut();
+    }
+}
+
+/// Forwards `from` to `to`, applying `fault` (if this is the main
+/// connection) to the frames going `dir`.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    dir: Dir,
+    fault: Option<Fault>,
+    st: &ProxyState,
+) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if let Some(f @ (Fault::CutAfter(_) | Fault::FlipAt(_))) = fault {
+        // Byte faults need no frames: they also work on encrypted streams.
+        return pump_bytes(from, to, dir, f, st);
+    }
+    let mut pos = 0u64;
+    let mut seen = std::collections::HashMap::<u8, u32>::new();
+    loop {
+        st.hold_if_stalled();
+        let mut frame = vec![0u8; migration::protocol::HEADER_LEN];
+        if from.read_exact(&mut frame).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(frame[8..12].try_into().unwrap()) as usize;
+        frame.resize(migration::protocol::HEADER_LEN + len.min(64 << 20), 0);
+        if from
+            .read_exact(&mut frame[migration::protocol::HEADER_LEN..])
+            .is_err()
+        {
+            break;
+        }
+        let kind = frame[4];
+        let n = seen.entry(kind).or_default();
+        let this = |at: &At| at.dir == dir && at.kind as u8 == kind && at.nth == *n;
+        let mut forward = true;
+        match fault {
+            Some(Fault::CutAfter(at))
+                if dir == Dir::ToDestination && pos + frame.len() as u64 >= at =>
+            {
+                let _ = to.write_all(&frame[..(at - pos) as usize]);
+                st.cut();
+                return;
+            }
+            Some(Fault::FlipAt(at))
+                if dir == Dir::ToDestination && (pos..pos + frame.len() as u64).contains(&at) =>
+            {
+                frame[(at - pos) as usize] ^= 0x04;
+            }
+            Some(Fault::Drop(at)) if this(&at) => forward = false,
+            Some(Fault::DropAll(d, k)) if d == dir && k as u8 == kind => forward = false,
+            Some(Fault::CutBefore(at)) if this(&at) => {
+                st.triggered.store(true, Ordering::Release);
+                st.cut();
+                return;
+            }
+            Some(Fault::Stall(at)) if this(&at) => {
+                st.stalled.store(true, Ordering::Release);
+                st.triggered.store(true, Ordering::Release);
+                st.hold_if_stalled();
+            }
+            _ => {}
+        }
+        *n += 1;
+        if forward && to.write_all(&frame).is_err() {
+            break;
+        }
+        if !forward {
+            st.triggered.store(true, Ordering::Release);
+        }
+        if let Some(Fault::CutAfterFrame(at)) = fault {
+            if this_was(&at, dir, kind, *n) {
+                st.triggered.store(true, Ordering::Release);
+                st.cut();
+                return;
+            }
+        }
+        pos += frame.len() as u64;
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Forwards `from` to `to` as bytes, applying a byte fault
+/// ([`Fault::CutAfter`], [`Fault::FlipAt`]) to what goes to the
+/// destination: the proxy for protected streams, whose frames it cannot
+/// read.
+fn pump_bytes(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    dir: Dir,
+    fault: Fault,
+    st: &ProxyState,
+) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        st.hold_if_stalled();
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        if dir == Dir::ToDestination {
+            match fault {
+                Fault::CutAfter(at) if pos + n as u64 >= at => {
+                    let _ = to.write_all(&chunk[..(at - pos) as usize]);
+                    st.triggered.store(true, Ordering::Release);
+                    st.cut();
+                    return;
+                }
+                Fault::FlipAt(at) if (pos..pos + n as u64).contains(&at) => {
+                    chunk[(at - pos) as usize] ^= 0x04;
+                    st.triggered.store(true, Ordering::Release);
+                }
+                _ => {}
+            }
+        }
+        pos += n as u64;
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether the frame just counted (the `n`th of its kind, from 1) is `at`.
+fn this_was(at: &At, dir: Dir, kind: u8, n: u32) -> bool {
+    at.dir == dir && at.kind as u8 == kind && at.nth + 1 == n
 }
 
 /// Parses a `--memory` value.

@@ -87,7 +87,14 @@ fn fails_cleanly(name: &str, then: &str, expect: &str) {
     );
     src.wait_running(Duration::from_secs(60));
     let secret = secret_file(&dir, "secret", "a secret for this test only");
-    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    // --once: a failed migration ends it (it would otherwise serve on).
+    let mut dst = Receiver::start_with(
+        &dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &secret,
+        None,
+        &["--once"],
+    );
     let policy = format!("exec:{}", misbehaving_policy(&dir, then).display());
     let args = [
         "--policy",

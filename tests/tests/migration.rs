@@ -116,6 +116,9 @@ fn stop_rule_max_rounds() {
             "3",
             "--bandwidth",
             "200Mbit",
+            // The cap over the limit is the point here (see honest_defaults.rs).
+            "--on-overrun",
+            "accept",
         ],
     );
     assert_eq!(o.report["stop_rule"], json!("max_rounds"), "{}", o.report);
@@ -146,6 +149,8 @@ fn stop_rule_max_bytes() {
             "20M",
             "--compression",
             "none",
+            "--on-overrun",
+            "accept",
         ],
     );
     // Round 0 alone sends the 32 MiB working set, past the 20 MiB cap.

@@ -34,7 +34,14 @@ fn ends(name: &str) -> (std::path::PathBuf, VmmProcess, std::path::PathBuf, Rece
 }
 
 fn receiver(dir: &Path, secret: &Path) -> Receiver {
-    Receiver::start(dir, &format!("127.0.0.1:{}", free_port()), secret, None)
+    // --once: a failed migration ends it (it would otherwise serve on).
+    Receiver::start_with(
+        dir,
+        &format!("127.0.0.1:{}", free_port()),
+        secret,
+        None,
+        &["--once"],
+    )
 }
 
 /// `vmm ctl events --all` on the source, until a migration ends.

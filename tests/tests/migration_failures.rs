@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tests::{
     assert_source_unharmed, free_port, migrate, migrate_in_background, require_kvm, scratch,
-    secret_file, Fault, Proxy, Receiver, VmmProcess,
+    secret_file, Fault, Proxy, Receiver, VmmProcess, PLAINTEXT,
 };
 
 const WORKLOAD: &str = "wset=64M,rate=5000,fill=100";
@@ -33,7 +33,13 @@ fn wrong_secret_is_refused_on_both_sides() {
     let src = source(&dir);
     let good = secret_file(&dir, "good", "the destination's secret 123");
     let bad = secret_file(&dir, "bad", "somebody else's secret 4567");
-    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &good, None);
+    let mut dst = Receiver::start_with(
+        &dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &good,
+        None,
+        &["--once"],
+    );
     let (ok, _, err) = migrate(&dir.join("src.sock"), &dst.addr, &bad, &[]);
     assert!(!ok);
     assert!(err.contains("Authentication failed"), "source error: {err}");
@@ -136,13 +142,14 @@ fn connection_cut_mid_stream() {
     let src = source(&dir);
     let secret = secret_file(&dir, "secret", "a secret for this test only");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut dst = Receiver::start(&dir, &listen, &secret, None);
+    // Plaintext on both ends: the proxy parses the frames.
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &["--once", PLAINTEXT]);
     let proxy = Proxy::start(&listen, Fault::CutAfter(8 << 20));
     let (ok, _, err) = migrate(
         &dir.join("src.sock"),
         &proxy.addr,
         &secret,
-        &["--compression", "none"],
+        &["--compression", "none", PLAINTEXT],
     );
     assert!(!ok, "migration over a cut connection succeeded");
     assert!(
@@ -177,7 +184,8 @@ fn corrupted_frame_is_detected_by(name: &str, receiver_args: &[&str]) {
     let src = source(&dir);
     let secret = secret_file(&dir, "secret", "a secret for this test only");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, receiver_args);
+    let args = [receiver_args, &["--once"]].concat();
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &args);
     // One bit flipped 3 MB into the stream, inside some page's data.
     let proxy = Proxy::start(&listen, Fault::FlipAt(3 << 20));
     let (ok, _, err) = migrate(
@@ -199,4 +207,61 @@ fn corrupted_frame_is_detected_by(name: &str, receiver_args: &[&str]) {
     );
     assert_source_unharmed(&src);
     src.quit();
+}
+
+/// A silent partition during post-copy (packets stop, sockets stay open,
+/// the fault connection's too): `vmm migrate` ends with a clear error in
+/// bounded time instead of hanging on the fault connection, and the
+/// destination gives up on its own deadline.
+#[test]
+fn silent_partition_during_post_copy_ends_in_bounded_time() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("silent-partition");
+    // Sockets give up after 2 s of silence instead of 30.
+    let src = VmmProcess::start_with_env(
+        &dir.join("src.sock"),
+        &["--memory", "256M", "--workload", WORKLOAD],
+        &[("VMM_PEER_TIMEOUT_MS", "2000")],
+    );
+    src.wait_running(Duration::from_secs(60));
+    let secret = secret_file(&dir, "secret", "a secret for this test only");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // Plaintext on both ends: the proxy parses the frames.
+    let args = ["--once", "--frame-timeout", "2s", PLAINTEXT];
+    let mut dst = Receiver::start_with(&dir, &listen, &secret, None, &args);
+    // 64 MiB pushed at 100 Mbit/s: the stall comes at the 64th page frame
+    // (about 16 MiB into the push).
+    let stall = tests::At {
+        dir: tests::Dir::ToDestination,
+        kind: migration::protocol::Kind::Pages,
+        nth: 64,
+    };
+    let proxy = Proxy::start(&listen, Fault::Stall(stall));
+    let t = std::time::Instant::now();
+    let (ok, _, err) = migrate(
+        &dir.join("src.sock"),
+        &proxy.addr,
+        &secret,
+        &[
+            "--mode",
+            "post",
+            "--bandwidth",
+            "100Mbit",
+            "--compression",
+            "none",
+            PLAINTEXT,
+        ],
+    );
+    assert!(!ok, "a migration over a partitioned link succeeded");
+    assert!(err.contains("went silent"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // The destination paused what it has and names the missing pages.
+    assert_eq!(dst.wait_exit(Duration::from_secs(20)), Some(3));
+    assert!(
+        dst.stderr_text().contains("never arrived"),
+        "{}",
+        dst.stderr_text()
+    );
 }

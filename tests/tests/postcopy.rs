@@ -128,7 +128,14 @@ fn source_death_after_switch_over_is_reported() {
         &["--memory", "256M", "--workload", "wset=128M,read=1000"],
     );
     src.wait_running(Duration::from_secs(60));
-    let mut dst = Receiver::start(&dir, &format!("127.0.0.1:{}", free_port()), &secret, None);
+    // --once: a failed migration ends it (it would otherwise serve on).
+    let mut dst = Receiver::start_with(
+        &dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &secret,
+        None,
+        &["--once"],
+    );
     // A slow push (100 Mbit/s for 128 MiB: ~10 s) leaves time to kill it.
     let t = migrate_in_background(
         &dir.join("src.sock"),

@@ -11,9 +11,12 @@
 //! vmm migrate --api-socket PATH --to tcp:ADDR --secret FILE --mode pre [--max-downtime 50ms ...]
 //! vmm gen-certs DIR [--host NAME ...]
 //! vmm demo
+//! vmm experiment FILE [--out DIR] [--retry-failed] [--dry-run]
+//! vmm plot FILE [--out DIR] [--x KEY --y FIGURE [--series KEY]]
 //! vmm guests
 //! ```
 
+mod experiment;
 mod migrate;
 mod model;
 mod protection;
@@ -59,6 +62,11 @@ enum Command {
     GenCerts(protection::GenCertsArgs),
     /// Predict Tm and Td with seed 001's analytical model.
     Model(model::ModelArgs),
+    /// Run a declared experiment (TOML or JSON): every cell with real
+    /// migrations, reports as JSON lines, a summary and pictures; resumable.
+    Experiment(experiment::ExperimentArgs),
+    /// Redraw an experiment's summary and pictures from its runs.
+    Plot(experiment::PlotArgs),
     /// List the embedded guests.
     Guests,
 }
@@ -192,6 +200,9 @@ fn ctl(api_socket: &std::path::Path, action: CtlAction) -> Result<(), String> {
     }
 }
 
+/// Longest error message printed.
+const MAX_ERROR_TEXT: usize = 8192;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -208,6 +219,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => migrate::demo(args),
         Command::Model(args) => model::model(args),
         Command::GenCerts(args) => protection::gen_certs(args),
+        Command::Experiment(args) => experiment::experiment(args),
+        Command::Plot(args) => experiment::plot(args),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Guests => {
             for g in guest_images::GUESTS {
@@ -219,7 +232,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors may quote a peer (an Abort's detail, a malformed
+            // frame's): never let its bytes reach the terminal raw.
+            eprintln!(
+                "error: {}",
+                migration::protocol::printable(&e, MAX_ERROR_TEXT)
+            );
             ExitCode::FAILURE
         }
     }

@@ -44,6 +44,11 @@ pub struct MigrateArgs {
     /// Switch over after this many rounds at the latest.
     #[arg(long)]
     max_rounds: Option<u32>,
+    /// The hard bound on the pause: until the destination confirms, a
+    /// pause longer than the downtime limit plus this (e.g. 3s) aborts the
+    /// migration and resumes the source guest.
+    #[arg(long, value_parser = parse_duration_ms)]
+    pause_margin: Option<f64>,
     /// Switch over once this much was sent (e.g. 4G).
     #[arg(long, value_parser = parse_size_arg)]
     max_bytes: Option<u64>,
@@ -79,10 +84,31 @@ pub struct MigrateArgs {
     /// migrate-start-postcopy` can switch a running pre-copy to post-copy.
     #[arg(long)]
     postcopy_ready: bool,
+    /// When max-rounds or max-bytes ends pre-copy with a predicted downtime
+    /// over --max-downtime: fail (the source runs on; the default),
+    /// postcopy (finish in post-copy) or accept (take the long pause).
+    #[arg(long, default_value = "fail", value_parser = ["fail", "postcopy", "accept"])]
+    on_overrun: String,
+    /// How long to wait for the destination's answers at the switch-over
+    /// (Prepared, then Resumed after Commit), e.g. 30s. Past it, before
+    /// Commit the guest resumes here; after it, this side asks the
+    /// destination what it did, and never guesses.
+    #[arg(long, value_parser = parse_duration_ms)]
+    commit_timeout: Option<f64>,
+    /// Do not migrate: ask the destination what became of a guest a
+    /// previous migration left fenced here ("outcome unknown"), and act on
+    /// the answer (shut this copy down, or resume it).
+    #[arg(long)]
+    recover: bool,
     /// Print the report as JSON on the last line.
     #[arg(long)]
     json: bool,
 }
+
+/// Exit code of `vmm migrate` when the outcome of the switch-over is
+/// unknown: the guest is paused on the source, and may run on the
+/// destination.
+pub const OUTCOME_UNKNOWN_EXIT: i32 = 4;
 
 /// `exec:PROGRAM` with PROGRAM made absolute: the source vmm, which runs
 /// it, has a working directory of its own.
@@ -107,6 +133,7 @@ fn check_policy_flags(args: &MigrateArgs) -> Result<(), String> {
         ("--threshold", args.threshold.is_some()),
         ("--auto-converge", args.auto_converge),
         ("--skip-redirtied", args.skip_redirtied),
+        ("--on-overrun", args.on_overrun != "fail"),
     ];
     match taken.iter().find(|(_, given)| *given) {
         Some((flag, _)) => Err(format!(
@@ -181,6 +208,9 @@ pub fn migrate(args: MigrateArgs) -> Result<(), String> {
 /// [`migrate`], unless `interrupted` before the request is sent (a cancel
 /// sent before the migration began would find nothing to cancel).
 fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(), String> {
+    if args.recover {
+        return recover(&args);
+    }
     check_policy_flags(&args)?;
     args.protection.warn();
     let mut req = json!({
@@ -188,6 +218,7 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "to": args.to,
         "max_downtime_ms": args.max_downtime,
         "max_rounds": args.max_rounds,
+        "pause_margin_ms": args.pause_margin,
         "max_bytes": args.max_bytes,
         "bandwidth": args.bandwidth,
         "compression": args.compression,
@@ -199,9 +230,11 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         "predict": args.predict,
         "auto_converge": args.auto_converge,
         "skip_redirtied": args.skip_redirtied,
+        "on_overrun": args.on_overrun,
         "policy": args.policy,
         "policy_deadline_ms": args.policy_deadline.map(|ms| ms.ceil() as u64),
         "postcopy_ready": args.postcopy_ready,
+        "commit_timeout_ms": args.commit_timeout.map(|ms| ms.ceil() as u64),
     });
     for (k, v) in args.protection.to_json().as_object().into_iter().flatten() {
         req[k] = v.clone();
@@ -228,6 +261,11 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
         std::thread::sleep(Duration::from_millis(50));
     };
     shown.finish();
+    if status["state"] == json!("outcome-unknown") {
+        let err = status["failure"].as_str().unwrap_or("outcome unknown");
+        eprintln!("error: migration committed, {err}");
+        std::process::exit(OUTCOME_UNKNOWN_EXIT);
+    }
     if status["state"] == json!("cancelled") {
         return Err("migration cancelled before the switch-over: the guest keeps running on the source as before".into());
     }
@@ -240,6 +278,35 @@ fn migrate_unless(args: MigrateArgs, interrupted: impl Fn() -> bool) -> Result<(
     print_report(report);
     if args.json {
         println!("{report}");
+    }
+    Ok(())
+}
+
+/// `vmm migrate --recover`: asks the destination, through the source,
+/// what became of a fenced guest; exits with [`OUTCOME_UNKNOWN_EXIT`] if
+/// it still cannot tell.
+fn recover(args: &MigrateArgs) -> Result<(), String> {
+    let sock = &args.api_socket;
+    let mut req = json!({"cmd": "migrate_recover", "to": args.to});
+    for (k, v) in args.protection.to_json().as_object().into_iter().flatten() {
+        req[k] = v.clone();
+    }
+    let resp = call(sock, &req).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+    if resp["ok"] != json!(true) {
+        let err = resp["error"].as_str().unwrap_or("recover refused");
+        if !err.contains("outcome still unknown") {
+            return Err(err.to_string());
+        }
+        eprintln!("error: {err}");
+        std::process::exit(OUTCOME_UNKNOWN_EXIT);
+    }
+    eprintln!(
+        "destination: {}; {}",
+        resp["outcome"].as_str().unwrap_or("?"),
+        resp["action"].as_str().unwrap_or("")
+    );
+    if args.json {
+        println!("{resp}");
     }
     Ok(())
 }
@@ -376,6 +443,20 @@ pub fn print_report(r: &Value) {
             round_extras(round)
         );
     }
+    let o = &r["downtime_overrun"];
+    if o.is_object() {
+        println!(
+            "  WARNING: {} ended pre-copy with a predicted downtime of {:.0} ms, over the {:.0} ms limit: {}",
+            r["stop_rule"].as_str().unwrap_or("?"),
+            o["predicted_ms"].as_f64().unwrap_or(f64::NAN),
+            o["limit_ms"].as_f64().unwrap_or(f64::NAN),
+            if o["action"] == "post-copy" {
+                "switched to post-copy instead (--on-overrun postcopy)"
+            } else {
+                "stopped and copied anyway (--on-overrun accept)"
+            }
+        );
+    }
     if let Some(line) = round0_throughput(r) {
         println!("  {line}");
     }
@@ -460,13 +541,7 @@ pub struct DemoArgs {
 pub fn demo(args: DemoArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("vmm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let secret = dir.join("secret");
-    std::fs::write(
-        &secret,
-        format!("demo-secret-{}-{:?}", std::process::id(), Instant::now()),
-    )
-    .map_err(|e| e.to_string())?;
+    let secret = private_secret(&dir)?;
     let src_sock = dir.join("src.sock");
     let port = free_port()?;
     let addr = format!("tcp:127.0.0.1:{port}");
@@ -491,7 +566,7 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let mut dst = Command::new(&exe)
-        .args(["receive", "--listen", &addr, "--secret"])
+        .args(["receive", "--once", "--listen", &addr, "--secret"])
         .arg(&secret)
         .args(["--status-ms", "0", "--duration", "2"])
         .stdout(Stdio::null())
@@ -511,15 +586,19 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
             predict: false,
             max_downtime: None,
             max_rounds: None,
+            pause_margin: None,
             max_bytes: None,
             bandwidth: None,
             compression: "auto".into(),
             verify: true,
             auto_converge: false,
             skip_redirtied: false,
+            on_overrun: "fail".into(),
             policy: None,
             policy_deadline: None,
             postcopy_ready: false,
+            commit_timeout: None,
+            recover: false,
             json: args.json,
         })
     })();
@@ -532,6 +611,36 @@ pub fn demo(args: DemoArgs) -> Result<(), String> {
         return Err("the destination vmm failed after the migration".into());
     }
     Ok(())
+}
+
+/// A fresh random secret (32 bytes from the kernel's generator, hex) in
+/// `dir/secret`: the directory is made 0700 and the file 0600 as they are
+/// created, whatever the umask, so no other user can read it at any time.
+pub fn private_secret(dir: &std::path::Path) -> Result<PathBuf, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &str| {
+        let (what, dir) = (what.to_string(), dir.display().to_string());
+        move |e: std::io::Error| format!("{what} {dir}: {e}")
+    };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail("creating the private directory"))?;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(fail("reading /dev/urandom for the secret in"))?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("secret");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex.as_bytes()))
+        .map_err(fail("writing the secret in"))?;
+    Ok(path)
 }
 
 fn free_port() -> Result<u16, String> {

@@ -17,7 +17,10 @@
 //!
 //! A request line longer than [`crate::control_socket::MAX_REQUEST_BYTES`] gets
 //! `{"ok":false,"error":"request longer than ..."}` and the connection is
-//! closed (the rest of the line is never read). The socket file itself is
+//! closed (the rest of the line is never read). At most
+//! [`MAX_CONNECTIONS`] connections are served at once (one more is refused
+//! with a reason); one idle for a minute is closed. `quit`, `restore` and
+//! `save` are refused while a migration runs. The socket file itself is
 //! made by [`crate::control_socket::bind`].
 //! `restore` replaces this process's machine with the one in the file and
 //! runs it. Errors come back as `{"ok":false,"error":"..."}`.
@@ -58,6 +61,9 @@ pub struct MigrateRequest {
     pub max_downtime_ms: Option<f64>,
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// The hard bound on the pause over the downtime limit (ms).
+    #[serde(default)]
+    pub pause_margin_ms: Option<f64>,
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// e.g. "1Gbit".
@@ -103,6 +109,34 @@ pub struct MigrateRequest {
     /// `migrate_start_postcopy` may switch to post-copy mid-pre-copy.
     #[serde(default)]
     pub postcopy_ready: bool,
+    /// When a cap ends pre-copy over the downtime limit: `fail` (default),
+    /// `postcopy` or `accept`.
+    #[serde(default)]
+    pub on_overrun: Option<String>,
+    /// How long to wait for the destination's `Prepared`, then `Resumed`
+    /// (default 30 s); see [`migration::Options::commit_timeout`].
+    #[serde(default)]
+    pub commit_timeout_ms: Option<u64>,
+}
+
+/// A `migrate_recover` request: ask the destination what became of a
+/// guest this source fenced (it committed and heard nothing back).
+#[derive(Debug, Deserialize)]
+pub struct RecoverRequest {
+    /// `tcp:HOST:PORT` of the destination.
+    pub to: String,
+    /// The migration's protection, as in [`MigrateRequest`]: the query
+    /// goes through it too.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 /// A migration in progress or finished.
@@ -116,6 +150,19 @@ struct MigrationSlot {
     result: Option<Result<migration::Report, String>>,
     /// The migration ended because it was cancelled.
     cancelled: bool,
+    /// The source committed and cannot tell what the destination did: the
+    /// guest stays paused here until `migrate_recover` finds out.
+    fenced: Option<Fenced>,
+}
+
+/// Why a source is fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fenced {
+    /// `Commit` went out, `Resumed` never came back.
+    OutcomeUnknown,
+    /// Post-copy lost the destination after it resumed: this copy keeps
+    /// every page the destination may still need.
+    Postcopy,
 }
 
 impl MigrationSlot {
@@ -123,6 +170,7 @@ impl MigrationSlot {
     fn state(&self) -> &'static str {
         match (&self.result, self.running) {
             (_, true) => "running",
+            (_, false) if self.fenced.is_some() => "outcome-unknown",
             (Some(Ok(_)), _) => "completed",
             (Some(Err(_)), _) if self.cancelled => "cancelled",
             (Some(Err(_)), _) => "failed",
@@ -206,6 +254,8 @@ pub enum Request {
     MigrateCancel,
     MigrateSetParameters(SetParametersRequest),
     MigrateStartPostcopy,
+    /// Ask the destination what became of a fenced guest, and act on it.
+    MigrateRecover(RecoverRequest),
     /// The migration events after `after` (all kept ones without it),
     /// waiting up to `wait_ms` for one to come.
     Events {
@@ -299,11 +349,40 @@ impl Controller {
         }
     }
 
+    /// Why `req` may not run now, if it may not: `quit` and `restore` would
+    /// destroy the machine a migration is reading, and `save` would pause
+    /// it and write a second copy of a guest that is moving.
+    fn refusal(&self, req: &Request) -> Option<String> {
+        let what = match req {
+            Request::Quit => "quit",
+            Request::Restore { .. } => "restore",
+            Request::Save { .. } => "save",
+            _ => return None,
+        };
+        let running = self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running;
+        running.then(|| {
+            format!(
+                "{what} refused: a migration is running (cancel it with migrate-cancel, \
+                 or wait until it ends)"
+            )
+        })
+    }
+
     fn execute(&self, req: Request) -> Result<Value, String> {
         let chain = |e: &dyn std::error::Error| error_chain(e);
+        if let Some(why) = self.refusal(&req) {
+            return Err(why);
+        }
         match req {
             Request::Pause => self.with(|m| m.pause()),
-            Request::Resume => self.with(|m| m.resume()),
+            Request::Resume => {
+                self.refuse_if_fenced("resume")?;
+                self.with(|m| m.resume())
+            }
             Request::State => return self.with(state_json),
             Request::Save { path } => {
                 return self.with(|m| {
@@ -344,6 +423,7 @@ impl Controller {
             Request::MigrateCancel => return self.cancel_migration(),
             Request::MigrateSetParameters(req) => return self.set_parameters(&req),
             Request::MigrateStartPostcopy => return self.start_postcopy(),
+            Request::MigrateRecover(req) => return self.recover(&req),
             Request::Events { after, wait_ms } => {
                 let wait = Duration::from_millis(wait_ms.unwrap_or(0).min(MAX_EVENTS_WAIT_MS));
                 let events = self.events.after(after.unwrap_or(0), wait);
@@ -405,10 +485,80 @@ impl Controller {
                 slot.running = false;
                 slot.finished_at = Some(Instant::now());
                 slot.cancelled = r.as_ref().is_err_and(|e| e.is_cancelled());
+                slot.fenced = match &r {
+                    Err(migration::MigrationError::PostcopyFenced(_)) => Some(Fenced::Postcopy),
+                    Err(e) if e.is_fenced() => Some(Fenced::OutcomeUnknown),
+                    _ => None,
+                };
                 slot.result = Some(r.map_err(|e| error_chain(&e)));
             })
             .map_err(|e| e.to_string())?;
         Ok(json!({"started": true}))
+    }
+
+    /// Refuses `what` while the source is fenced: the guest may run on the
+    /// destination.
+    fn refuse_if_fenced(&self, what: &str) -> Result<(), String> {
+        let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.fenced {
+            Some(_) => Err(format!(
+                "refusing to {what}: the migration committed and the destination may run the guest; run `vmm migrate --recover` to ask it"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// `migrate_recover`: asks the destination (same authentication) what
+    /// it did with the guest this source fenced. Resumed there: this copy
+    /// shuts down (migrated away), or in post-copy stays paused with every
+    /// page. Discarded there: the guest resumes here. No answer: nothing
+    /// changes, and the answer says so.
+    fn recover(&self, req: &RecoverRequest) -> Result<Value, String> {
+        let protection = protection_of(
+            req.secret_file.as_deref(),
+            [&req.tls_cert, &req.tls_key, &req.tls_ca],
+            req.insecure_plaintext,
+        )?;
+        let fenced = {
+            let slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.running {
+                return Err("a migration is running: nothing to recover yet".into());
+            }
+            slot.fenced
+                .ok_or("this source is not fenced: nothing to recover")?
+        };
+        let outcome = migration::commit::query(&req.to, &protection).map_err(|e| {
+            format!(
+                "outcome still unknown, the guest stays paused here: cannot ask the destination: {}",
+                error_chain(&e)
+            )
+        })?;
+        let mut slot = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let action = match (outcome, fenced) {
+            (migration::commit::Outcome::Discarded, _) => {
+                slot.fenced = None;
+                self.machine().resume();
+                "the destination discarded the guest: it runs here again"
+            }
+            (migration::commit::Outcome::Resumed, Fenced::OutcomeUnknown) => {
+                slot.fenced = None;
+                slot.result = Some(Ok(migration::Report {
+                    mode: "pre".into(),
+                    guest_detail: "confirmed by migrate_recover".into(),
+                    ..Default::default()
+                }));
+                slot.finished_at = Some(Instant::now());
+                slot.fetched_at = Some(Instant::now());
+                "the guest runs on the destination: this copy shuts down"
+            }
+            (migration::commit::Outcome::Resumed, Fenced::Postcopy) => {
+                "the guest runs on the destination (post-copy): this copy stays paused with every page"
+            }
+            (migration::commit::Outcome::Undecided, _) => {
+                return Err("the destination answered undecided: the guest stays paused".into())
+            }
+        };
+        Ok(json!({"outcome": outcome, "action": action}))
     }
 
     /// After a successful migration the guest lives on the destination: this
@@ -534,20 +684,57 @@ impl Responder for Controller {
     }
 }
 
+/// Most control connections served at once: a client that opens many
+/// cannot make the VMM start a thread for each.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// A connection that sends nothing this long is closed, freeing its slot
+/// (the longest request, an `events` wait, answers within 10 s).
+const IDLE_CONNECTION: Duration = Duration::from_secs(60);
+
 /// Serves `listener` (see [`crate::control_socket::bind`]) on a background
-/// thread, one thread per connection.
+/// thread, one thread per connection, at most [`MAX_CONNECTIONS`] at once:
+/// one more is answered with a refusal and closed.
 pub fn serve(listener: UnixListener, responder: Arc<dyn Responder>) -> std::io::Result<()> {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for conn in listener.incoming().flatten() {
+            for mut conn in listener.incoming().flatten() {
+                let Some(slot) = Slot::take(&active) else {
+                    let why = format!("too many control connections (at most {MAX_CONNECTIONS})");
+                    let _ = writeln!(conn, "{}", json!({"ok": false, "error": why}));
+                    continue;
+                };
+                let _ = conn.set_read_timeout(Some(IDLE_CONNECTION));
                 let responder = responder.clone();
+                // A thread that cannot start drops its closure, and the slot.
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(&*responder, conn));
+                    .spawn(move || {
+                        serve_connection(&*responder, conn);
+                        drop(slot);
+                    });
             }
         })?;
     Ok(())
+}
+
+/// One of the [`MAX_CONNECTIONS`] places, given back when dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        let slot = Self(active.clone());
+        // Counted first, checked after: a refused one is given back on drop.
+        (active.fetch_add(1, Ordering::AcqRel) < MAX_CONNECTIONS).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn serve_connection(responder: &dyn Responder, conn: UnixStream) {
@@ -624,6 +811,20 @@ pub fn measure_rates(m: &Machine, window: Duration) -> Result<Value, String> {
     }))
 }
 
+fn overrun(s: Option<&str>) -> Result<migration::Overrun, String> {
+    Ok(match s {
+        None | Some("fail") => migration::Overrun::Fail,
+        Some("postcopy") => migration::Overrun::PostCopy,
+        Some("accept") => migration::Overrun::Accept,
+        Some(other) => {
+            return Err(format!(
+                "on_overrun '{}': expected fail, postcopy or accept",
+                other.escape_debug()
+            ))
+        }
+    })
+}
+
 fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String> {
     let mut o = migration::Options {
         verify: req.verify,
@@ -631,10 +832,17 @@ fn migration_options(req: &MigrateRequest) -> Result<migration::Options, String>
         auto_converge: req.auto_converge,
         skip_redirtied: req.skip_redirtied,
         postcopy_ready: req.postcopy_ready,
+        overrun: overrun(req.on_overrun.as_deref())?,
         ..Default::default()
     };
+    if let Some(ms) = req.commit_timeout_ms {
+        o.commit_timeout = Duration::from_millis(ms.max(1));
+    }
     if let Some(ms) = req.max_downtime_ms {
         o.max_downtime = downtime(ms)?;
+    }
+    if let Some(ms) = req.pause_margin_ms {
+        o.pause_margin = downtime(ms).map_err(|_| format!("bad pause_margin_ms {ms}"))?;
     }
     if let Some(r) = req.max_rounds {
         if r == 0 {
@@ -705,7 +913,20 @@ pub fn call(path: &Path, request: &Value) -> std::io::Result<Value> {
 
 /// The stream protection a `migrate` request asks for.
 fn protection(req: &MigrateRequest) -> Result<migration::secure::Protection, String> {
-    let tls = match (&req.tls_cert, &req.tls_key, &req.tls_ca) {
+    protection_of(
+        req.secret_file.as_deref(),
+        [&req.tls_cert, &req.tls_key, &req.tls_ca],
+        req.insecure_plaintext,
+    )
+}
+
+/// The stream protection from a request's fields.
+fn protection_of(
+    secret_file: Option<&std::path::Path>,
+    [tls_cert, tls_key, tls_ca]: [&Option<PathBuf>; 3],
+    insecure_plaintext: bool,
+) -> Result<migration::secure::Protection, String> {
+    let tls = match (tls_cert, tls_key, tls_ca) {
         (None, None, None) => None,
         (Some(cert), Some(key), Some(ca)) => Some(migration::secure::TlsFiles {
             cert: cert.clone(),
@@ -714,5 +935,5 @@ fn protection(req: &MigrateRequest) -> Result<migration::secure::Protection, Str
         }),
         _ => return Err("TLS needs all three of tls_cert, tls_key and tls_ca".into()),
     };
-    migration::secure::Protection::from_cli(req.secret_file.as_deref(), tls, req.insecure_plaintext)
+    migration::secure::Protection::from_cli(secret_file, tls, insecure_plaintext)
 }

@@ -71,11 +71,27 @@ pub struct SaveSummary {
     pub zero_pages_skipped: u64,
 }
 
+/// Creates (or truncates) `path` readable and writable by its owner only:
+/// a snapshot holds all of the guest's memory. The mode is given at
+/// creation (never a moment world-readable), and set again for a file that
+/// existed with a wider one.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
 /// Saves a paused machine (state and RAM) to `path`.
 pub fn save(machine: &Machine, path: &Path) -> Result<SaveSummary, SnapshotError> {
     let state = machine.save_state()?;
     let json = serde_json::to_vec(&state)?;
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut out = BufWriter::with_capacity(1 << 20, create_private(path)?);
     out.write_all(MAGIC)?;
     out.write_all(&VERSION.to_le_bytes())?;
     out.write_all(&(json.len() as u32).to_le_bytes())?;

@@ -9,6 +9,9 @@
 //! - throttle: [`AutoConverge`] with `auto_converge`, in pre-copy only
 //!   (the hybrid post-copies its dirty rest instead of waiting for it);
 //! - skip: re-dirtied pages with `skip_redirtied`;
+//! - over the limit: when a cap (`max_rounds`, `max_bytes`) ends pre-copy
+//!   while the predicted downtime exceeds the limit, [`Overrun`] says what
+//!   happens: fail (the default; the source runs on), post-copy, or accept;
 //! - push: follow the destination's faults.
 
 use super::auto_converge::AutoConverge;
@@ -16,9 +19,9 @@ use super::seed::{Choice, SeedModel};
 use super::stop_rules::{Primary, StopRules};
 use super::{
     AfterRound, History, Plan, PlanView, Policy, PolicyError, PushOrder, RoundPlan, Setup,
-    SetupView, Skip, Start, Throttle,
+    SetupView, Skip, Start, StopRule, Throttle,
 };
-use crate::options::{Mode, Options, Split};
+use crate::options::{Mode, Options, Overrun, Split};
 
 /// How the built-in policy decides the start.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +39,7 @@ pub struct Builtin {
     threshold: u64,
     auto_converge: Option<AutoConverge>,
     skip_redirtied: bool,
+    overrun: Overrun,
 }
 
 impl Builtin {
@@ -46,6 +50,7 @@ impl Builtin {
             threshold: opts.threshold,
             auto_converge: Some(AutoConverge::default()),
             skip_redirtied: opts.skip_redirtied,
+            overrun: opts.overrun,
         }
     }
 }
@@ -80,7 +85,7 @@ impl Policy for Builtin {
         Ok(match self.planning {
             Planning::Fixed(start) => Setup {
                 measure_rates: false,
-                may_postcopy: start != Start::PreCopy,
+                may_postcopy: start != Start::PreCopy || self.overrun == Overrun::PostCopy,
             },
             // The model may choose post-copy.
             Planning::Model(_) => Setup {
@@ -121,7 +126,7 @@ impl Policy for Builtin {
         };
         Ok(match (StopRules { primary }.check(h), hybrid) {
             (Some(rule), true) => AfterRound::PostCopy { rule },
-            (Some(rule), false) => AfterRound::StopAndCopy { rule },
+            (Some(rule), false) => self.stop(rule, h)?,
             (None, true) => AfterRound::Continue {
                 throttle: Throttle::Unchanged,
             },
@@ -138,6 +143,29 @@ impl Policy for Builtin {
 
     fn push_order(&mut self, _history: &History) -> Result<PushOrder, PolicyError> {
         Ok(PushOrder::FollowFaults)
+    }
+}
+
+impl Builtin {
+    /// Pre-copy ends by `rule`: stop and copy, unless a cap fired with the
+    /// predicted downtime over the limit; then as `overrun` says.
+    fn stop(&self, rule: StopRule, h: &History) -> Result<AfterRound, PolicyError> {
+        let predicted_ms = h.last_round().map_or(0.0, |r| r.estimated_downtime_ms);
+        let limit_ms = h.limits.max_downtime_ms;
+        let cap = matches!(rule, StopRule::MaxRounds | StopRule::MaxBytes);
+        if !cap || predicted_ms <= limit_ms {
+            return Ok(AfterRound::StopAndCopy { rule });
+        }
+        match self.overrun {
+            Overrun::Accept => Ok(AfterRound::StopAndCopy { rule }),
+            Overrun::PostCopy => Ok(AfterRound::PostCopy { rule }),
+            Overrun::Fail => Err(PolicyError::DowntimeOverrun {
+                rule,
+                rounds: h.rounds.len(),
+                predicted_ms,
+                limit_ms,
+            }),
+        }
     }
 }
 
@@ -189,8 +217,61 @@ mod tests {
     };
 
     #[test]
+    fn a_cap_over_the_downtime_limit_fails_falls_back_or_is_accepted() {
+        let over = history(Start::PreCopy, 30, 10, 10_800.0);
+        let within = history(Start::PreCopy, 30, 10, 200.0);
+        let with = |overrun| {
+            Builtin::new(&Options {
+                overrun,
+                ..Default::default()
+            })
+        };
+        // The default fails, naming the rule, the prediction and the limit.
+        let err = with(Overrun::Fail).after_round(&over).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(
+            err,
+            PolicyError::DowntimeOverrun {
+                rule: StopRule::MaxRounds,
+                rounds: 30,
+                ..
+            }
+        ));
+        assert!(
+            text.contains("10800 ms") && text.contains("300 ms"),
+            "{text}"
+        );
+        assert_eq!(
+            with(Overrun::PostCopy).after_round(&over).unwrap(),
+            AfterRound::PostCopy {
+                rule: StopRule::MaxRounds
+            }
+        );
+        assert_eq!(
+            with(Overrun::Accept).after_round(&over).unwrap(),
+            stop(StopRule::MaxRounds)
+        );
+        // Within the limit the downtime rule fires before any cap.
+        assert_eq!(
+            with(Overrun::Fail).after_round(&within).unwrap(),
+            stop(StopRule::Downtime)
+        );
+        // Falling back to post-copy needs the fault connection from the start.
+        let view = SetupView {
+            ram_bytes: 0,
+            populated_bytes: 0,
+            limits: Options::default().limits(),
+        };
+        assert!(with(Overrun::PostCopy).setup(&view).unwrap().may_postcopy);
+        assert!(!with(Overrun::Fail).setup(&view).unwrap().may_postcopy);
+    }
+
+    #[test]
     fn pre_copy_stops_by_qemus_downtime_rule_then_xens_caps() {
-        let mut p = Builtin::new(&options(Mode::Pre));
+        let mut p = Builtin::new(&Options {
+            overrun: Overrun::Accept,
+            ..options(Mode::Pre)
+        });
         let pre = Start::PreCopy;
         assert_eq!(
             p.after_round(&history(pre, 1, 0, 0.0)).unwrap(),
@@ -207,6 +288,7 @@ mod tests {
         );
         let mut capped = Builtin::new(&Options {
             max_bytes: 250 * MIB,
+            overrun: Overrun::Accept,
             ..Default::default()
         });
         let mut h = history(pre, 3, 10, 301.0);

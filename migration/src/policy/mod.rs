@@ -51,6 +51,13 @@ pub enum PolicyError {
     NotMeasured,
     #[error("The policy chose post-copy, but did not ask for it at setup")]
     PostcopyNotPrepared,
+    #[error("Pre-copy did not converge: {rule} ended it after {rounds} rounds with a predicted downtime of {predicted_ms:.0} ms, over the {limit_ms:.0} ms limit; the source runs on as before. What helps: --auto-converge (slow the guest down), --on-overrun postcopy (finish in post-copy), a higher --max-downtime or --bandwidth, or --on-overrun accept (take the long pause)", rule = .rule.name())]
+    DowntimeOverrun {
+        rule: StopRule,
+        rounds: usize,
+        predicted_ms: f64,
+        limit_ms: f64,
+    },
     #[error(transparent)]
     External(#[from] ExecError),
 }

@@ -14,7 +14,7 @@
 //! record *n* with nonce *n*; both ends count records themselves, so the
 //! nonce never crosses the wire and any record out of place fails.
 
-use std::io::{self, IoSliceMut, Read, Write};
+use std::io::{self, BufRead, IoSliceMut, Read, Write};
 use std::net::TcpStream;
 
 use hkdf::Hkdf;
@@ -153,24 +153,23 @@ pub(super) fn read(rx: &mut Rx, t: &Transport, bufs: &mut [IoSliceMut<'_>]) -> i
 }
 
 /// Reads and opens the next record into `rx.plain`; `false` at the end
-/// of the stream.
+/// of the stream. The record's bytes gather in `rx.cipher` (length first):
+/// a read that times out midway (a deadline's step) loses nothing, and the
+/// next call goes on where it stopped.
 fn open_record(rx: &mut Rx, t: &Transport) -> io::Result<bool> {
     let record = rx.records;
-    let mut len = [0u8; 2];
-    if rx.fill()?.is_empty() {
+    if rx.cipher.is_empty() && rx.fill()?.is_empty() {
         return Ok(false);
     }
-    read_in_record(rx, &mut len, record)?;
-    let len = u16::from_be_bytes(len) as usize;
+    gather(rx, 2, record)?;
+    let len = u16::from_be_bytes([rx.cipher[0], rx.cipher[1]]) as usize;
     if len < TAG {
         return Err(SecureError::ShortRecord { record, len }.into_io());
     }
-    let mut cipher = std::mem::take(&mut rx.cipher);
-    cipher.resize(len, 0);
-    read_in_record(rx, &mut cipher, record)?;
+    gather(rx, 2 + len, record)?;
     rx.plain.resize(len - TAG, 0);
-    let r = t.read_message(record, &cipher, &mut rx.plain);
-    rx.cipher = cipher;
+    let r = t.read_message(record, &rx.cipher[2..], &mut rx.plain);
+    rx.cipher.clear();
     let n = r.map_err(|_| SecureError::Integrity { record }.into_io())?;
     rx.plain.truncate(n);
     rx.pos = 0;
@@ -178,11 +177,18 @@ fn open_record(rx: &mut Rx, t: &Transport) -> io::Result<bool> {
     Ok(true)
 }
 
-fn read_in_record(rx: &mut Rx, buf: &mut [u8], record: u64) -> io::Result<()> {
-    rx.raw.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => SecureError::Truncated { record }.into_io(),
-        _ => e,
-    })
+/// Reads until `rx.cipher` holds `want` bytes of the current record.
+fn gather(rx: &mut Rx, want: usize, record: u64) -> io::Result<()> {
+    while rx.cipher.len() < want {
+        let raw = rx.raw.fill_buf()?;
+        if raw.is_empty() {
+            return Err(SecureError::Truncated { record }.into_io());
+        }
+        let k = raw.len().min(want - rx.cipher.len());
+        rx.cipher.extend_from_slice(&raw[..k]);
+        rx.raw.consume(k);
+    }
+    Ok(())
 }
 
 /// What the cipher costs on one core: MB/s of plaintext sealed and opened

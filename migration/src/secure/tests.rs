@@ -331,3 +331,44 @@ fn a_flipped_tls_byte_is_refused() {
     let _ = flip.join();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A record that arrives in pieces, slower than the read timeout: the
+/// reads that time out inside it (a [`DeadlineReader`] over the stream,
+/// as the receiver's) lose nothing, and the next read goes on where it
+/// stopped.
+#[test]
+fn a_read_timed_out_inside_a_record_goes_on_where_it_stopped() {
+    use std::time::Duration;
+    let (src_side, mut relay_a) = tcp_pair();
+    let (mut relay_b, dst_side) = tcp_pair();
+    let (mut back_b, mut back_a) = (relay_b.try_clone().unwrap(), relay_a.try_clone().unwrap());
+    thread::spawn(move || std::io::copy(&mut back_b, &mut back_a));
+    thread::spawn(move || {
+        let hello = message(&mut relay_a).unwrap();
+        relay_b.write_all(&hello).unwrap();
+        let rec = message(&mut relay_a).unwrap();
+        let half = rec.len() / 2;
+        // Half the length, then half the record, then the rest.
+        for piece in [&rec[..1], &rec[1..half], &rec[half..]] {
+            relay_b.write_all(piece).unwrap();
+            thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let dst = thread::spawn(move || noise::respond(dst_side, &Secret::from_bytes(SECRET)));
+    let mut src = noise::initiate(src_side, &Secret::from_bytes(SECRET)).unwrap();
+    let dst = dst.join().unwrap().unwrap();
+    let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+    src.write_all(&data).unwrap();
+    let mut reader = DeadlineReader::new(dst, Duration::from_millis(100));
+    let (mut got, mut n, mut timeouts) = (vec![0u8; data.len()], 0, 0);
+    while n < data.len() {
+        match reader.read(&mut got[n..]) {
+            Ok(0) => panic!("the stream ended early"),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => timeouts += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(timeouts >= 2, "{timeouts} timeouts");
+    assert_eq!(got, data);
+}

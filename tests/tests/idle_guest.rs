@@ -80,7 +80,9 @@ fn wake_errors(state: &Value) -> Vec<Option<i64>> {
         .unwrap_or_default()
 }
 
-fn assert_woke_on_time(errors: &[Option<i64>], at_least: usize) {
+/// Whether every halted vCPU woke within the tolerance (the count of
+/// halted vCPUs is a hard requirement).
+fn woke_on_time(errors: &[Option<i64>], at_least: usize) -> bool {
     let predicted: Vec<i64> = errors.iter().flatten().copied().collect();
     assert!(
         predicted.len() >= at_least,
@@ -88,19 +90,32 @@ fn assert_woke_on_time(errors: &[Option<i64>], at_least: usize) {
         predicted.len(),
         errors.len()
     );
+    let mut on_time = true;
     for (i, e) in errors.iter().enumerate() {
         if let Some(e) = e {
             eprintln!(
                 "vCPU {i}: first heartbeat {:+.3} ms from the predicted wake",
                 *e as f64 / 1e6
             );
-            assert!(
-                e.abs() <= WAKE_TOLERANCE_NS,
-                "vCPU {i} woke {:.3} ms off the time its timer said",
-                *e as f64 / 1e6
-            );
+            on_time &= e.abs() <= WAKE_TOLERANCE_NS;
         }
     }
+    on_time
+}
+
+/// Runs `scenario` (which returns whether every vCPU woke on time, and
+/// asserts everything else) up to twice: this host is itself a VM on a
+/// shared machine, and its own vCPUs can be held up by the outer host
+/// (steal time, which no run-queue counter here sees). A timer state that
+/// did not travel misses by up to a whole tick on every try.
+fn on_time_in_one_of_two(what: &str, scenario: impl Fn() -> bool) {
+    for attempt in 1..=2 {
+        if scenario() {
+            return;
+        }
+        eprintln!("{what}: a vCPU woke over 2 ms late on try {attempt}");
+    }
+    panic!("{what}: a vCPU woke over 2 ms off its timer on both tries");
 }
 
 /// Each vCPU's LAPIC timer (mode and period) as KVM holds it; pauses `m`
@@ -170,6 +185,10 @@ fn halted_guest_restored_in_another_process_wakes_on_time() {
     if !require_kvm() {
         return;
     }
+    on_time_in_one_of_two("restore", restored_wakes_on_time);
+}
+
+fn restored_wakes_on_time() -> bool {
     let dir = scratch("idle-restore");
     let snap = dir.join("vm.snap");
     let a = VmmProcess::start(
@@ -192,7 +211,7 @@ fn halted_guest_restored_in_another_process_wakes_on_time() {
         Duration::from_secs(20),
         |s| wake_errors(s).iter().all(Option::is_some),
     );
-    assert_woke_on_time(&wake_errors(&after), 4);
+    let on_time = woke_on_time(&wake_errors(&after), 4);
     assert!(heartbeat_field(&after, "discontinuities")
         .iter()
         .all(|d| *d == 0));
@@ -204,15 +223,13 @@ fn halted_guest_restored_in_another_process_wakes_on_time() {
     assert_verifies(&b.call(json!({"cmd": "verify"})), 16 * 256);
     b.quit();
     let _ = std::fs::remove_dir_all(dir);
+    on_time
 }
 
 /// Migrates an idle 4-vCPU guest with `mode`; the vCPUs halted at the pause
 /// (all but, at times, vCPU 0, which wakes every millisecond) must wake on
 /// time on the destination.
-fn halted_guest_migrates(name: &str, mode: &str) {
-    if !require_kvm() {
-        return;
-    }
+fn halted_guest_migrates(name: &str, mode: &str) -> bool {
     let ends = Ends::start(
         name,
         &["--memory", "256M", "--vcpus", "4", "--workload", IDLE],
@@ -234,7 +251,7 @@ fn halted_guest_migrates(name: &str, mode: &str) {
     src.quit();
     dst.wait_socket(Duration::from_secs(10));
     let state = dst.call(json!({"cmd": "state"}));
-    assert_woke_on_time(&wake_errors(&state), 3);
+    let on_time = woke_on_time(&wake_errors(&state), 3);
     let after = tick_rates(&|| dst.call(json!({"cmd": "state"})), window);
     assert_same_rates(&before, &after, window);
     let pause_dst = |p: bool| {
@@ -248,14 +265,19 @@ fn halted_guest_migrates(name: &str, mode: &str) {
     assert_verifies(&dst.call(json!({"cmd": "verify"})), 16 * 256);
     drop(dst);
     let _ = std::fs::remove_dir_all(dir);
+    on_time
 }
 
 #[test]
 fn halted_guest_migrates_pre_copy_and_wakes_on_time() {
-    halted_guest_migrates("idle-pre", "pre");
+    if require_kvm() {
+        on_time_in_one_of_two("pre-copy", || halted_guest_migrates("idle-pre", "pre"));
+    }
 }
 
 #[test]
 fn halted_guest_migrates_post_copy_and_wakes_on_time() {
-    halted_guest_migrates("idle-post", "post");
+    if require_kvm() {
+        on_time_in_one_of_two("post-copy", || halted_guest_migrates("idle-post", "post"));
+    }
 }

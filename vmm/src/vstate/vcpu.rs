@@ -103,6 +103,18 @@ pub struct KvmView {
     pub timer_period_ns: u64,
 }
 
+/// The 32-bit LAPIC register at byte offset `off` of KVM's register page.
+fn lapic_reg(lapic: &kvm_lapic_state, off: usize) -> u32 {
+    let b = &lapic.regs[off..off + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+}
+
+/// log2 of the LAPIC timer's divider, from its divide configuration
+/// register (Intel SDM 11.5.4: bits 0, 1 and 3 encode 2^((value + 1) mod 8)).
+fn timer_divide_shift(tdcr: u32) -> u32 {
+    (((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7
+}
+
 impl VcpuState {
     /// For a vCPU saved while halted: how long after its LAPIC state is
     /// restored its timer will wake it, in ns; `None` if it was running, or
@@ -129,10 +141,7 @@ impl VcpuState {
         if self.mp_state.mp_state != KVM_MP_STATE_HALTED {
             return None;
         }
-        let reg = |off: usize| {
-            let b = &self.lapic.regs[off..off + 4];
-            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
-        };
+        let reg = |off: usize| lapic_reg(&self.lapic, off);
         let lvtt = reg(LVTT);
         let vector = (lvtt & 0xFF) as usize;
         if lvtt & LVT_MASKED != 0 || lvtt & (3 << 17) == LVT_TSC_DEADLINE {
@@ -141,11 +150,8 @@ impl VcpuState {
         if reg(IRR + 0x10 * (vector / 32)) & (1 << (vector % 32)) != 0 {
             return Some(0); // fired during the pause: delivered at resume
         }
-        // Divide configuration (Intel SDM 11.5.4): bits 0, 1 and 3 encode
-        // 2^((value + 1) mod 8); KVM's APIC bus runs at 1 GHz.
-        let tdcr = reg(TDCR);
-        let shift = (((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7;
-        Some(u64::from(reg(TMCCT)) << shift)
+        // KVM's APIC bus runs at 1 GHz.
+        Some(u64::from(reg(TMCCT)) << timer_divide_shift(reg(TDCR)))
     }
 }
 
@@ -259,12 +265,8 @@ impl Vcpu {
         const TDCR: usize = 0x3E0;
         let mp = self.fd.get_mp_state().map_err(self.get_err("mp_state"))?;
         let lapic = self.fd.get_lapic().map_err(self.get_err("lapic"))?;
-        let reg = |off: usize| {
-            let b = &lapic.regs[off..off + 4];
-            u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
-        };
-        let (lvtt, tdcr) = (reg(LVTT), reg(TDCR));
-        let shift = (((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7;
+        let reg = |off: usize| lapic_reg(&lapic, off);
+        let (lvtt, shift) = (reg(LVTT), timer_divide_shift(reg(TDCR)));
         Ok(KvmView {
             mp_state: match mp.mp_state {
                 KVM_MP_STATE_RUNNABLE => "running",
@@ -291,8 +293,7 @@ impl Vcpu {
         let regs = self.fd.get_regs().map_err(self.get_err("regs"))?;
         let sregs = self.fd.get_sregs().map_err(self.get_err("sregs"))?;
         let lapic = self.fd.get_lapic().map_err(self.get_err("lapic"))?;
-        let b = &lapic.regs[LVTT..LVTT + 4];
-        let lvtt = u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+        let lvtt = lapic_reg(&lapic, LVTT);
         Ok(first_touch::VcpuView {
             cr0: sregs.cr0,
             cr3: sregs.cr3,
